@@ -1,0 +1,120 @@
+"""Admission and settlement: the two Redis round trips of every completion.
+
+`admit` runs `admit_request.lua`: key, revocation, model, sliding window and the spend
+reservation in one atomic call. `settle` runs `settle_request.lua`: the actual cost
+replaces the reservation and the usage record is written. Both are keyed by the
+request id, so a call retried after a timeout can never reserve or charge twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import (
+    ModelNotAllowed,
+    RateLimited,
+    SpendCapReached,
+    StoreUnavailable,
+    Unauthorized,
+)
+from gateway.keys import Slots, identify
+from gateway.money import to_usd
+from gateway.store import Store
+
+log = logging.getLogger(__name__)
+
+ADMITTED, UNKNOWN, REVOKED, NOT_ALLOWED, RATE_LIMITED, MONTHLY_CAP, HARD_CAP = range(7)
+# A settled request id is remembered this long, so a retried settlement is a no-op.
+SETTLED_MARK_MS = 10 * 60 * 1000
+_SETTLE_RETRY_SECONDS = (0.05, 0.2, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """An admitted request: what was reserved, and the window headers to send back."""
+
+    key_id: str
+    reservation_id: str
+    reserved: int  # nano-USD
+    limit: int
+    remaining: int
+    reset_ms: int
+
+
+class Gate:
+    def __init__(self, store: Store, *, lease_ms: int, retention_ms: int) -> None:
+        self.store = store
+        self.lease_ms = lease_ms
+        self.retention_ms = retention_ms
+        self._retries: set[asyncio.Task[None]] = set()
+
+    async def admit(self, raw_key: str, model: str, reservation_id: str, amount: int) -> Ticket:
+        key_id, digest = identify(raw_key)
+        slots = Slots.of(key_id)
+        keys = [slots.record, slots.window, slots.spend, slots.resv, slots.lease]
+        args = [digest, model, reservation_id, amount, self.lease_ms]
+        status, limit, remaining, reset_ms, detail = await self.store.run(
+            "admit_request", keys, args
+        )
+        if status == ADMITTED:
+            return Ticket(key_id, reservation_id, amount, limit, remaining, reset_ms)
+        raise _refusal(status, model, limit, reset_ms, detail)
+
+    async def settle(self, ticket: Ticket, cost: int, record: dict[str, Any] | None) -> None:
+        """Settle now; if the store is away, keep retrying in the background."""
+        try:
+            await self._settle(ticket, cost, record)
+        except StoreUnavailable:
+            log.warning("settlement of %s deferred: store unavailable", ticket.reservation_id)
+            task = asyncio.create_task(self._settle_later(ticket, cost, record))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+
+    async def release(self, ticket: Ticket) -> None:
+        """Give the reservation back with no charge and no record (no provider served it)."""
+        await self.settle(ticket, 0, None)
+
+    async def drain(self) -> None:
+        if self._retries:
+            await asyncio.gather(*self._retries, return_exceptions=True)
+
+    async def _settle(self, ticket: Ticket, cost: int, record: dict[str, Any] | None) -> None:
+        slots = Slots.of(ticket.key_id)
+        fields: list[Any] = []
+        for name, value in (record or {}).items():
+            fields += [name, value]
+        args = [ticket.reservation_id, cost, 1 if record is not None else 0]
+        args += [self.retention_ms, SETTLED_MARK_MS, *fields]
+        keys = [slots.spend, slots.resv, slots.lease, slots.usage]
+        await self.store.run("settle_request", keys, args)
+
+    async def _settle_later(self, ticket: Ticket, cost: int, record: dict[str, Any] | None) -> None:
+        for delay in _SETTLE_RETRY_SECONDS:
+            await asyncio.sleep(delay)
+            try:
+                await self._settle(ticket, cost, record)
+                return
+            except StoreUnavailable:
+                continue
+        log.warning("settlement of %s abandoned; its lease will expire", ticket.reservation_id)
+
+
+def _refusal(status: int, model: str, limit: int, reset_ms: int, detail: str) -> Exception:
+    if status in (UNKNOWN, REVOKED):
+        return Unauthorized("invalid or revoked API key")
+    if status == NOT_ALLOWED:
+        return ModelNotAllowed(f"this key may not use the model {model!r}")
+    if status == RATE_LIMITED:
+        return RateLimited(
+            f"rate limit of {limit} requests per minute reached for this key",
+            limit=limit,
+            reset_ms=reset_ms,
+        )
+    cap = "monthly" if status == MONTHLY_CAP else "lifetime"
+    return SpendCapReached(
+        f"the key's {cap} spend cap of ${to_usd(int(detail)):.6f} would be exceeded by this "
+        "request's worst-case cost"
+    )

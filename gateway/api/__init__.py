@@ -1,0 +1,1 @@
+"""The HTTP layer: Starlette endpoints over the gateway's domain modules."""

@@ -1,0 +1,110 @@
+"""The admin API: keys, prices, usage. Every endpoint checks the admin key first."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway import keys, usage
+from gateway.api.http import JSON, bearer, read_body
+from gateway.errors import BadRequest, NotFound, Unauthorized
+from gateway.gateway import Gateway
+from gateway.prices import Price
+from gateway.schema import check, decode
+
+_ADMIN_BODY_LIMIT = 64 * 1024
+USD = Annotated[Decimal, Field(ge=0, le=1_000_000, allow_inf_nan=False)]
+
+
+class PriceSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input_per_1k: USD
+    output_per_1k: USD
+
+
+async def admin_gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    await gateway.admin.check(bearer(request))
+    return gateway
+
+
+async def create_key(request: Request) -> Response:
+    gateway = await admin_gateway(request)
+    body = decode(await read_body(request, _ADMIN_BODY_LIMIT))
+    spec = check(keys.KeySpec, body)
+    assert isinstance(spec, keys.KeySpec)
+    for i, model in enumerate(spec.allowed_models):
+        if model not in gateway.config.models:
+            raise BadRequest(f"allowed_models[{i}]: unknown model {model!r}")
+    raw, record = await keys.create(gateway.store, spec)
+    record["spend_month"] = record["spend"] = 0.0
+    return JSON({"key": raw, "record": record}, status_code=201)
+
+
+async def list_keys(request: Request) -> Response:
+    gateway = await admin_gateway(request)
+    month = await gateway.store.month()
+    return JSON({"keys": await keys.listing(gateway.store, month)})
+
+
+async def show_key(request: Request) -> Response:
+    gateway = await admin_gateway(request)
+    record = await keys.fetch(
+        gateway.store, request.path_params["key_id"], await gateway.store.month()
+    )
+    if record is None:
+        raise NotFound("no such key", code="key_not_found")
+    return JSON(record)
+
+
+async def revoke_key(request: Request) -> Response:
+    gateway = await admin_gateway(request)
+    key_id = request.path_params["key_id"]
+    if not await keys.revoke(gateway.store, key_id):
+        raise NotFound("no such key", code="key_not_found")
+    return JSON({"id": key_id, "revoked": True})
+
+
+async def list_prices(request: Request) -> Response:
+    gateway = await admin_gateway(request)
+    return JSON({"prices": gateway.prices.as_json()})
+
+
+async def show_price(request: Request) -> Response:
+    gateway = await admin_gateway(request)
+    model = _known_model(gateway, request)
+    return JSON({"model": model, **gateway.prices[model].as_json()})
+
+
+async def put_price(request: Request) -> Response:
+    gateway = await admin_gateway(request)
+    model = _known_model(gateway, request)
+    spec = check(PriceSpec, decode(await read_body(request, _ADMIN_BODY_LIMIT)))
+    assert isinstance(spec, PriceSpec)
+    await gateway.prices.put(model, Price.of(spec.input_per_1k, spec.output_per_1k))
+    return JSON({"model": model, **gateway.prices[model].as_json()})
+
+
+async def list_usage(request: Request) -> Response:
+    """Admin: any key's records. A gateway key: its own only."""
+    gateway: Gateway = request.app.state.gateway
+    token = bearer(request)
+    own_key: str | None = None
+    try:
+        await gateway.admin.check(token)
+    except Unauthorized:
+        own_key, _ = await keys.authenticate(gateway.store, token)
+    query = usage.parse_query(dict(request.query_params), own_key)
+    records, cursor = await usage.records(gateway.store, query)
+    return JSON({"records": records, "next": cursor})
+
+
+def _known_model(gateway: Gateway, request: Request) -> str:
+    model: str = request.path_params["model"]
+    if model not in gateway.config.models:
+        raise NotFound(f"the model {model!r} does not exist", code="model_not_found")
+    return model

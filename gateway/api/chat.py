@@ -1,0 +1,104 @@
+"""The client-facing endpoints: OpenAI chat completions, models, the native completion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway import keys
+from gateway.admission import Ticket
+from gateway.api.http import JSON, bearer, read_body
+from gateway.cache import directives
+from gateway.completions import Plan, Result
+from gateway.gateway import Gateway
+from gateway.money import to_usd
+from gateway.schema import NativeRequest, check, decode
+from gateway.streams import EventStream
+
+
+async def chat_completions(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    raw_key, plan = await _plan(request, gateway)
+    ticket, hit = await gateway.completions.admit(raw_key, plan)
+    if plan.stream:
+        relay = await gateway.completions.open_stream(plan, ticket, hit)
+        _note(request, provider=relay.provider, cache="hit" if hit else "miss")
+        headers = _headers(ticket, relay.provider, hit is not None, 0 if hit else None)
+
+        async def settle() -> None:
+            await relay.finish()
+            _note(request, cost=to_usd(relay.cost))
+
+        return EventStream(relay.events(), headers, settle)  # type: ignore[return-value]
+    result = await gateway.completions.complete(plan, ticket, hit)
+    _note(request, provider=result.provider, cache="hit" if result.cached else "miss")
+    _note(request, cost=to_usd(result.cost))
+    return JSON(result.body, headers=_headers(ticket, result.provider, result.cached, result.cost))
+
+
+async def native_complete(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    raw_key, plan = await _plan(request, gateway, native=True)
+    ticket, hit = await gateway.completions.admit(raw_key, plan)
+    result = await gateway.completions.complete(plan, ticket, hit)
+    _note(request, provider=result.provider, cache="hit" if result.cached else "miss")
+    _note(request, cost=to_usd(result.cost))
+    headers = _headers(ticket, result.provider, result.cached, result.cost)
+    return JSON(_native(result, plan), headers=headers)
+
+
+async def list_models(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    key_id, fields = await keys.authenticate(gateway.store, bearer(request))
+    _note(request, key=key_id)
+    allowed = keys.allowed_models(fields) or list(gateway.config.models)
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "ai-gateway"}
+        for name in gateway.config.models
+        if name in allowed
+    ]
+    return JSON({"object": "list", "data": data})
+
+
+async def _plan(request: Request, gateway: Gateway, *, native: bool = False) -> tuple[str, Plan]:
+    raw_key = bearer(request)
+    key_id, _ = keys.identify(raw_key)
+    _note(request, key=key_id)
+    body = decode(await read_body(request, gateway.config.limits.max_body_bytes))
+    if native:
+        check(NativeRequest, body)
+    cache_control = directives(request.headers.get("cache-control"))
+    plan = gateway.completions.plan(body, key_id, cache_control, request.state.request_id)
+    _note(request, model=plan.model)
+    return raw_key, plan
+
+
+def _headers(ticket: Ticket, provider: str, cached: bool, cost: int | None) -> dict[str, str]:
+    headers = {"x-gateway-cache": "hit" if cached else "miss", "x-gateway-provider": provider}
+    if cost is not None:
+        headers["x-gateway-cost"] = f"{to_usd(cost):.9f}"
+    if ticket.limit > 0:
+        headers["x-ratelimit-limit-requests"] = str(ticket.limit)
+        headers["x-ratelimit-remaining-requests"] = str(max(ticket.remaining, 0))
+        headers["x-ratelimit-reset-requests"] = f"{ticket.reset_ms / 1000:.3f}s"
+    return headers
+
+
+def _native(result: Result, plan: Plan) -> dict[str, Any]:
+    message = result.body["choices"][0]["message"] if result.body.get("choices") else {}
+    return {
+        "content": message.get("content") or "",
+        "model": plan.model,
+        "provider": result.provider,
+        "input_tokens": result.input_tokens,
+        "output_tokens": result.output_tokens,
+        "cached": result.cached,
+        "cost": to_usd(result.cost),
+    }
+
+
+def _note(request: Request, **fields: Any) -> None:
+    """Fields for the one log line of this request (see gateway.api.log)."""
+    request.state.log.update(fields)

@@ -1,0 +1,165 @@
+"""The `gateway` command: `serve`, and admin commands that talk to the admin API.
+
+Admin commands find the gateway at $GATEWAY_URL (default http://127.0.0.1:8080) and the
+admin key in $GATEWAY_ADMIN_KEY or, failing that, in $GATEWAY_DATA_DIR/admin-key.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+import httpx
+import orjson
+
+from gateway.auth import data_dir
+from gateway.errors import ConfigError
+
+API = "/api/ai-gateway"
+
+
+def _admin_key() -> str:
+    key = os.environ.get("GATEWAY_ADMIN_KEY")
+    if key:
+        return key
+    path = data_dir() / "admin-key"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        raise click.ClickException(
+            f"no admin key: set GATEWAY_ADMIN_KEY or run where {path} exists"
+        ) from None
+
+
+def _call(method: str, path: str, **kwargs: Any) -> Any:
+    url = os.environ.get("GATEWAY_URL", "http://127.0.0.1:8080").rstrip("/") + API + path
+    headers = {"authorization": f"Bearer {_admin_key()}"}
+    try:
+        response = httpx.request(method, url, headers=headers, timeout=30, **kwargs)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach the gateway at {url}: {exc}") from exc
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": {"message": response.text}}
+    if response.status_code >= 400:
+        message = (body.get("error") or {}).get("message", response.text)
+        raise click.ClickException(f"{response.status_code}: {message}")
+    return body
+
+
+def _show(value: Any) -> None:
+    click.echo(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+
+
+@click.group()
+@click.version_option(package_name="ai-gateway")
+def main() -> None:
+    """ai-gateway: metered keys, exact limits, spend caps, caching and fallback for LLMs."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config.")
+def serve(host: str, port: int, workers: int, config_path: str | None) -> None:
+    """Run the gateway (with an embedded store unless GATEWAY_REDIS_URL is set)."""
+    from gateway.server import serve as run
+
+    try:
+        run(host, port, workers, config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.group()
+def keys() -> None:
+    """Mint, list, show and revoke gateway keys."""
+
+
+@keys.command("create")
+@click.option("--name", required=True)
+@click.option("--model", "models", multiple=True, help="Allowed model (repeatable; none: all).")
+@click.option("--rate-per-min", type=click.IntRange(0), default=0, help="0: unlimited.")
+@click.option("--monthly-cap", type=click.FloatRange(0), default=0.0, help="USD; 0: none.")
+@click.option("--hard-cap", type=click.FloatRange(0), default=0.0, help="USD; 0: none.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the raw key.")
+def keys_create(
+    name: str,
+    models: tuple[str, ...],
+    rate_per_min: int,
+    monthly_cap: float,
+    hard_cap: float,
+    quiet: bool,
+) -> None:
+    """Mint a key. The raw key is printed this once and is never shown again."""
+    body = {
+        "name": name,
+        "allowed_models": list(models),
+        "rate_per_min": rate_per_min,
+        "monthly_cap": monthly_cap,
+        "hard_cap": hard_cap,
+    }
+    created = _call("POST", "/keys", json=body)
+    if quiet:
+        click.echo(created["key"])
+    else:
+        _show(created)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """Every key, without secrets."""
+    for record in _call("GET", "/keys")["keys"]:
+        state = "revoked" if record["revoked"] else "active"
+        click.echo(
+            f"{record['id']}  {state:7}  spend ${record['spend']:.6f}  "
+            f"month ${record['spend_month']:.6f}  {record['name']}"
+        )
+
+
+@keys.command("show")
+@click.argument("key_id")
+def keys_show(key_id: str) -> None:
+    """One key with its spend this month and lifetime."""
+    _show(_call("GET", f"/keys/{key_id}"))
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key on every replica at once."""
+    _show(_call("DELETE", f"/keys/{key_id}"))
+
+
+@main.command()
+@click.option("--key", "key_id", help="Only this key id.")
+@click.option("--since", help="Unix seconds or ISO 8601.")
+@click.option("--until", help="Unix seconds or ISO 8601.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+def usage(key_id: str | None, since: str | None, until: str | None, limit: int) -> None:
+    """Usage records, newest first."""
+    params = {"key": key_id, "since": since, "until": until, "limit": limit}
+    _show(_call("GET", "/usage", params={k: v for k, v in params.items() if v}))
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--input-per-1k", type=float, help="USD per 1K input tokens.")
+@click.option("--output-per-1k", type=float, help="USD per 1K output tokens.")
+def prices(model: str | None, input_per_1k: float | None, output_per_1k: float | None) -> None:
+    """Show the price book, or set MODEL's price on every replica."""
+    if model is None:
+        _show(_call("GET", "/prices"))
+        return
+    if input_per_1k is None and output_per_1k is None:
+        _show(_call("GET", f"/prices/{model}"))
+        return
+    current = _call("GET", f"/prices/{model}")
+    body = {
+        "input_per_1k": current["input_per_1k"] if input_per_1k is None else input_per_1k,
+        "output_per_1k": current["output_per_1k"] if output_per_1k is None else output_per_1k,
+    }
+    _show(_call("PUT", f"/prices/{model}", json=body))

@@ -1,0 +1,306 @@
+"""One completion, from a validated body to a settled bill.
+
+    prepare  validate, resolve the model, bound the tokens, price the worst case
+    admit    one script call (and, alongside it, the cache lookup)
+    serve    a cache hit, or the routes in order
+    settle   one script call: actual cost, usage record, reservation released
+
+Whatever happens between admit and settle (a provider failure, a client that leaves,
+a timeout), the reservation is settled or released: see `Relay.finish` and the
+`except BaseException` below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.admission import Gate, Ticket
+from gateway.cache import Cache, Entry
+from gateway.config import Config
+from gateway.errors import BadRequest, NotFound, ProviderFailure
+from gateway.money import cost
+from gateway.prices import Price, PriceBook
+from gateway.routing import Router, Stream
+from gateway.schema import ChatRequest, check
+from gateway.streams import DONE, Assembler, replay, sse
+
+log = logging.getLogger(__name__)
+
+# Images are priced by their pixels, not by the bytes of a URL: bound each one apart.
+IMAGE_TOKEN_BOUND = 2_000
+_MESSAGE_OVERHEAD = 16
+
+
+@dataclass(slots=True)
+class Plan:
+    """A validated request, ready for admission."""
+
+    body: dict[str, Any]  # what goes upstream (OpenAI shape, max_tokens always set)
+    model: str
+    stream: bool
+    include_usage: bool
+    input_bound: int
+    output_bound: int
+    price: Price
+    reservation: int  # nano-USD
+    cache_key: str | None = None
+    lookup: bool = False
+    cache_write: bool = False
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def charge(self, input_tokens: int, output_tokens: int) -> int:
+        return cost(input_tokens, self.price.input_per_1k) + cost(
+            output_tokens, self.price.output_per_1k
+        )
+
+
+@dataclass(slots=True)
+class Result:
+    body: dict[str, Any]
+    provider: str
+    input_tokens: int
+    output_tokens: int
+    cost: int
+    cached: bool
+
+
+class Completions:
+    def __init__(
+        self, config: Config, gate: Gate, cache: Cache, prices: PriceBook, router: Router
+    ) -> None:
+        self.config = config
+        self.gate = gate
+        self.cache = cache
+        self.prices = prices
+        self.router = router
+        self.deadline = config.limits.request_timeout_seconds
+        self._writes: set[asyncio.Task[None]] = set()
+
+    def plan(
+        self,
+        body: dict[str, Any],
+        key_id: str,
+        cache_control: tuple[bool, bool],
+        request_id: str,
+    ) -> Plan:
+        check(ChatRequest, body)
+        model = body["model"]
+        settings = self.config.models.get(model)
+        if settings is None:
+            raise NotFound(f"the model {model!r} does not exist", code="model_not_found")
+        body = {k: v for k, v in body.items() if k != "prompt"}
+        max_tokens = _max_tokens(body, settings.max_output_tokens)
+        price = self.prices[model]
+        input_bound = estimate_input(body)
+        output_bound = max_tokens * (body.get("n") or 1)
+        plan = Plan(
+            body=body,
+            model=model,
+            stream=bool(body.get("stream")),
+            include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+            input_bound=input_bound,
+            output_bound=output_bound,
+            price=price,
+            reservation=cost(input_bound, price.input_per_1k)
+            + cost(output_bound, price.output_per_1k),
+            record={"model": model, "request_id": request_id},
+        )
+        lookup, write = cache_control
+        if self.config.cache.enabled and (lookup or write):
+            plan.cache_key = self.cache.key_for(body, key_id)
+            plan.lookup, plan.cache_write = lookup, write
+        return plan
+
+    async def admit(self, raw_key: str, plan: Plan) -> tuple[Ticket, Entry | None]:
+        # The reservation id is ours, never the client's x-request-id: a client that reused
+        # an id must not be able to pass as a replay of an admitted request.
+        reservation_id = secrets.token_hex(16)
+        admission = self.gate.admit(raw_key, plan.model, reservation_id, plan.reservation)
+        if not (plan.lookup and plan.cache_key):
+            return await admission, None
+        ticket, hit = await asyncio.gather(admission, self.cache.get(plan.cache_key))
+        return ticket, hit
+
+    async def complete(self, plan: Plan, ticket: Ticket, hit: Entry | None) -> Result:
+        if hit is not None:
+            await self.gate.settle(ticket, 0, self._record(plan, ticket, hit.provider, 0, 0, True))
+            body = {**hit.body, "model": plan.model}
+            return Result(body, hit.provider, hit.input_tokens, hit.output_tokens, 0, True)
+        try:
+            async with asyncio.timeout(self.deadline):
+                served = await self.router.complete(plan.model, plan.body)
+        except BaseException:
+            await asyncio.shield(self.gate.release(ticket))
+            raise
+        done = served.completion
+        charge = plan.charge(done.input_tokens, done.output_tokens)
+        record = self._record(
+            plan, ticket, served.provider, done.input_tokens, done.output_tokens, False
+        )
+        await asyncio.shield(self.gate.settle(ticket, charge, record))
+        body = {**done.body, "model": plan.model}
+        if plan.cache_key and plan.cache_write:
+            entry = Entry(body, served.provider, done.input_tokens, done.output_tokens)
+            self._write(plan.cache_key, entry)
+        return Result(body, served.provider, done.input_tokens, done.output_tokens, charge, False)
+
+    async def open_stream(self, plan: Plan, ticket: Ticket, hit: Entry | None) -> Relay:
+        if hit is not None:
+            return Relay(self, plan, ticket, hit=hit)
+        try:
+            stream = await self.router.stream(plan.model, plan.body)
+        except BaseException:
+            await asyncio.shield(self.gate.release(ticket))
+            raise
+        return Relay(self, plan, ticket, stream=stream)
+
+    def _record(
+        self,
+        plan: Plan,
+        ticket: Ticket,
+        provider: str,
+        input_tokens: int,
+        output_tokens: int,
+        cached: bool,
+    ) -> dict[str, Any]:
+        return {
+            **plan.record,
+            "provider": provider,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "cached": int(cached),
+        }
+
+    def _write(self, cache_key: str, entry: Entry) -> None:
+        task = asyncio.create_task(self.cache.put(cache_key, entry))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+
+class Relay:
+    """One streamed completion in flight; `finish` settles it exactly once."""
+
+    def __init__(
+        self,
+        owner: Completions,
+        plan: Plan,
+        ticket: Ticket,
+        *,
+        stream: Stream | None = None,
+        hit: Entry | None = None,
+    ) -> None:
+        self.owner = owner
+        self.plan = plan
+        self.ticket = ticket
+        self.stream = stream
+        self.hit = hit
+        self.provider = stream.provider if stream else (hit.provider if hit else "")
+        self.assembler = Assembler()
+        self.complete = False
+        self.cost = 0
+        self._finished = False
+
+    async def events(self) -> AsyncIterator[bytes]:
+        if self.hit is not None:
+            for chunk in replay(
+                {**self.hit.body, "model": self.plan.model}, self.plan.include_usage
+            ):
+                yield sse(chunk)
+            self.complete = True
+            yield DONE
+            return
+        assert self.stream is not None
+        try:
+            async with asyncio.timeout(self.owner.deadline):
+                async for chunk in self.stream.chunks:
+                    self.assembler.add(chunk)
+                    shown = self._shown(chunk)
+                    if shown is not None:
+                        yield sse(shown)
+        except (ProviderFailure, TimeoutError) as exc:
+            log.warning("stream from %s cut: %s", self.provider, exc)
+            message = f"upstream stream failed: {exc}"
+            error = {"message": message, "type": "upstream_error", "code": "stream_interrupted"}
+            yield sse({"error": error})
+            return
+        self.complete = True
+        yield DONE
+
+    def _shown(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        """The chunk as the client sees it: our model name, usage only if it asked."""
+        chunk["model"] = self.plan.model
+        if self.plan.include_usage:
+            return chunk
+        if not chunk.get("choices") and chunk.get("usage"):
+            return None
+        chunk.pop("usage", None)
+        return chunk
+
+    async def finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self.hit is not None:
+            record = self.owner._record(self.plan, self.ticket, self.provider, 0, 0, True)
+            await self.owner.gate.settle(self.ticket, 0, record)
+            return
+        input_tokens, output_tokens = self._used()
+        self.cost = self.plan.charge(input_tokens, output_tokens)
+        record = self.owner._record(
+            self.plan, self.ticket, self.provider, input_tokens, output_tokens, False
+        )
+        await self.owner.gate.settle(self.ticket, self.cost, record)
+        if self.complete and self.plan.cache_key and self.plan.cache_write:
+            body = {**self.assembler.completion(), "model": self.plan.model}
+            self.owner._write(
+                self.plan.cache_key, Entry(body, self.provider, input_tokens, output_tokens)
+            )
+
+    def _used(self) -> tuple[int, int]:
+        """Reported usage; failing that, the bounds: what was reserved is what is charged."""
+        assert self.stream is not None
+        usage = self.stream.usage
+        reported = self.complete and usage.output_tokens is not None
+        input_tokens = (
+            usage.input_tokens if usage.input_tokens is not None else self.plan.input_bound
+        )
+        if reported:
+            return input_tokens, usage.output_tokens or 0
+        return input_tokens, min(usage.output_bytes, self.plan.output_bound)
+
+
+def estimate_input(body: dict[str, Any]) -> int:
+    """An upper bound of input tokens: a token spans at least one byte of UTF-8."""
+    size = len(orjson.dumps(body["messages"])) + _MESSAGE_OVERHEAD * len(body["messages"])
+    if body.get("tools"):
+        size += len(orjson.dumps(body["tools"]))
+    return size + IMAGE_TOKEN_BOUND * _image_count(body["messages"])
+
+
+def _image_count(messages: list[dict[str, Any]]) -> int:
+    return sum(
+        1
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for part in m["content"]
+        if part.get("type") == "image_url"
+    )
+
+
+def _max_tokens(body: dict[str, Any], ceiling: int) -> int:
+    """The output bound; when the client sets none, the model's ceiling is sent upstream."""
+    field_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    asked = body.get(field_name)
+    if asked is None:
+        body["max_tokens"] = ceiling
+        return ceiling
+    if asked > ceiling:
+        raise BadRequest(f"{field_name}: {asked} is over this model's limit of {ceiling}")
+    return int(asked)

@@ -1,0 +1,112 @@
+"""The seam in front of Redis: connection from a URL, the Lua scripts, error mapping.
+
+Every Redis call of the gateway goes through `Store.call` or `Store.run`, which turn
+connection failures into `StoreUnavailable` (503); nothing above this module sees a
+redis-py exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.commands.core import AsyncScript
+
+from gateway.errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_UNAVAILABLE = (
+    rexc.ConnectionError,
+    rexc.TimeoutError,
+    rexc.BusyLoadingError,
+    rexc.ReadOnlyError,
+    OSError,
+)
+SCRIPTS = ("admit_request", "settle_request")
+
+
+def lua_dir() -> Path:
+    """The scripts ship inside the wheel as gateway/lua; a source checkout has them at ./lua."""
+    packaged = Path(__file__).resolve().parent.parent / "lua"
+    return packaged if packaged.is_dir() else packaged.parent.parent / "lua"
+
+
+def load_script(name: str) -> str:
+    folder = lua_dir()
+    prelude = (folder / "_calendar.lua").read_text(encoding="utf-8")
+    return prelude + "\n" + (folder / f"{name}.lua").read_text(encoding="utf-8")
+
+
+def connect(url: str, *, decode: bool = True) -> aioredis.Redis:
+    """A pooled asyncio client for `redis://`, `rediss://` or `unix://` URLs."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=decode,
+        socket_timeout=5.0,
+        socket_connect_timeout=2.0,
+        health_check_interval=30,
+        max_connections=512,
+    )
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.redis = connect(url)
+        self.binary = connect(url, decode=False)  # for msgpack cache entries
+        self.scripts: dict[str, AsyncScript] = {
+            name: self.redis.register_script(load_script(name)) for name in SCRIPTS
+        }
+
+    async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA a script by name (redis-py reloads it once after NOSCRIPT)."""
+        script = self.scripts[name]
+        return await self.call(lambda: script(keys=keys, args=args))
+
+    async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await operation()
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"the store is unavailable: {exc.__class__.__name__}") from exc
+
+    async def ready(self) -> bool:
+        """The store answers and every script is loaded on it."""
+        try:
+            await self.redis.ping()
+            shas = [script.sha for script in self.scripts.values()]
+            loaded = await self.redis.script_exists(*shas)
+            for script, present in zip(self.scripts.values(), loaded, strict=True):
+                if not present:
+                    await self.redis.script_load(script.script)
+        except (*_UNAVAILABLE, rexc.ResponseError):
+            return False
+        return True
+
+    async def warn_if_evicting(self) -> None:
+        try:
+            policy = (await self.redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+        except (*_UNAVAILABLE, rexc.ResponseError):
+            return
+        if policy and policy != "noeviction":
+            log.warning(
+                "the store runs with maxmemory-policy %s: spend and reservations may be "
+                "evicted; set it to noeviction",
+                policy,
+            )
+
+    async def month(self) -> str:
+        """The current calendar month, UTC, by the store's clock: "YYYY-MM"."""
+        seconds, _ = await self.call(self.redis.time)
+        return time.strftime("%Y-%m", time.gmtime(seconds))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        await self.binary.aclose()

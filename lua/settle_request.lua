@@ -1,0 +1,39 @@
+-- settle_request: replace a reservation by the actual cost, add it to the lifetime and
+-- monthly totals and append the usage record. Idempotent per request id: a retried
+-- settlement of the same request changes nothing.
+--
+-- KEYS[1]  {id}:spend   hash    total, m:YYYY-MM, reserved (nano-USD)
+-- KEYS[2]  {id}:resv    hash    request id -> reserved amount (nano-USD) or 's' once settled
+-- KEYS[3]  {id}:lease   zset    request id -> lease expiry (µs)
+-- KEYS[4]  {id}:usage   stream  usage records, ids are Redis time
+-- ARGV[1]  request id
+-- ARGV[2]  actual cost, nano-USD (integer; 0 for a cache hit)
+-- ARGV[3]  1 to write a usage record, 0 to only release (no provider served it)
+-- ARGV[4]  retention of usage records, ms
+-- ARGV[5]  how long the settled mark is kept against retries, ms
+-- ARGV[6..] usage record fields, name/value pairs
+--
+-- Returns {settled, stream id}: settled 1 the first time, 0 for a repeat.
+
+local request_id, cost = ARGV[1], tonumber(ARGV[2])
+local record, retention_ms, mark_ms = ARGV[3] == '1', tonumber(ARGV[4]), tonumber(ARGV[5])
+
+local held = redis.call('HGET', KEYS[2], request_id)
+if held == 's' then return {0, ''} end
+
+local seconds, now_us = now()
+-- A lease that already expired was given back at admission; nothing left to release.
+if held then redis.call('HINCRBY', KEYS[1], 'reserved', -tonumber(held)) end
+redis.call('HSET', KEYS[2], request_id, 's')
+redis.call('ZADD', KEYS[3], now_us + mark_ms * 1000, request_id)
+
+if not record then return {1, ''} end
+if cost > 0 then
+  redis.call('HINCRBY', KEYS[1], 'total', cost)
+  redis.call('HINCRBY', KEYS[1], 'm:' .. month_of(seconds), cost)
+end
+local min_id = math.floor(now_us / 1000) - retention_ms
+local fields = {}
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+local id = redis.call('XADD', KEYS[4], 'MINID', '~', min_id, '*', 'cost', ARGV[2], unpack(fields))
+return {1, id}

@@ -81,7 +81,6 @@ class Completions:
         self.prices = prices
         self.router = router
         self.deadline = config.limits.request_timeout_seconds
-        self._writes: set[asyncio.Task[None]] = set()
 
     def plan(
         self,
@@ -148,7 +147,7 @@ class Completions:
         body = {**done.body, "model": plan.model}
         if plan.cache_key and plan.cache_write:
             entry = Entry(body, served.provider, done.input_tokens, done.output_tokens)
-            self._write(plan.cache_key, entry)
+            await self.cache.put(plan.cache_key, entry)
         return Result(body, served.provider, done.input_tokens, done.output_tokens, charge, False)
 
     async def open_stream(self, plan: Plan, ticket: Ticket, hit: Entry | None) -> Relay:
@@ -177,11 +176,6 @@ class Completions:
             "output_tokens": output_tokens,
             "cached": int(cached),
         }
-
-    def _write(self, cache_key: str, entry: Entry) -> None:
-        task = asyncio.create_task(self.cache.put(cache_key, entry))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
 
 
 class Relay:
@@ -259,9 +253,8 @@ class Relay:
         await self.owner.gate.settle(self.ticket, self.cost, record)
         if self.complete and self.plan.cache_key and self.plan.cache_write:
             body = {**self.assembler.completion(), "model": self.plan.model}
-            self.owner._write(
-                self.plan.cache_key, Entry(body, self.provider, input_tokens, output_tokens)
-            )
+            entry = Entry(body, self.provider, input_tokens, output_tokens)
+            await self.owner.cache.put(self.plan.cache_key, entry)
 
     def _used(self) -> tuple[int, int]:
         """Reported usage; failing that, the bounds: what was reserved is what is charged."""

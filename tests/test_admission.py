@@ -1,0 +1,134 @@
+"""Exact rate limits and hard spend caps under concurrency, against real Redis and HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import UPSTREAM_KEYS, config_dict, write_config
+from tests.servers import GatewayProcess, RedisServer
+from tests.upstreams import Upstream
+
+pytestmark = [pytest.mark.e2e, pytest.mark.redis]
+
+LONG_TEXT = " ".join(f"w{i}" for i in range(200))
+# Input is free and the answer always uses all of max_tokens, so a request costs exactly
+# what it reserves: 50 tokens * $0.002 / 1K = $0.0001.
+FLAT = {"input_per_1k": 0, "output_per_1k": 0.002, "max_output_tokens": 256}
+REQUEST_COST_NANO = 100_000
+
+
+async def burst(url: str, key: str, count: int, **extra: Any) -> list[int]:
+    """`count` concurrent, distinct (so uncached) chat completions; their status codes."""
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as http:
+        headers = {"authorization": f"Bearer {key}"}
+        responses = await asyncio.gather(
+            *(
+                http.post("/v1/chat/completions", json=_body(i, extra), headers=headers)
+                for i in range(count)
+            )
+        )
+    return [r.status_code for r in responses]
+
+
+def _body(i: int, extra: dict[str, Any]) -> dict[str, Any]:
+    return {"model": "gpt", "messages": [{"role": "user", "content": f"hi {i}"}], **extra}
+
+
+def age_window(redis_server: RedisServer, key_id: str, entries: int, seconds: float) -> None:
+    """Move the oldest `entries` of a key's window `seconds` into the past."""
+    client = redis_server.client()
+    window = f"gw:{{{key_id}}}:window"
+    for member, score in client.zrange(window, 0, entries - 1, withscores=True):
+        client.zadd(window, {member: score - seconds * 1_000_000})
+
+
+async def test_rate_limit_exact_under_burst(
+    gateway_url: str, mint: Any, redis_server: RedisServer
+) -> None:
+    key, key_id = mint(rate_per_min=7)
+    statuses = await burst(gateway_url, key, 21)
+    assert statuses.count(200) == 7
+    assert statuses.count(429) == 14
+
+
+def test_rate_limit_429_has_retry_after_and_sdk_raises(gateway_url: str, mint: Any) -> None:
+    key, _ = mint(rate_per_min=1)
+    client = openai.OpenAI(base_url=gateway_url + "/v1", api_key=key, max_retries=0)
+    client.chat.completions.create(model="gpt", messages=[{"role": "user", "content": "a"}])
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(model="gpt", messages=[{"role": "user", "content": "b"}])
+    headers = raised.value.response.headers
+    assert 1 <= int(headers["retry-after"]) <= 60
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert raised.value.body["code"] == "rate_limit_exceeded"
+
+
+async def test_rate_limit_window_slides(
+    gateway_url: str, mint: Any, redis_server: RedisServer
+) -> None:
+    key, key_id = mint(rate_per_min=5)
+    assert (await burst(gateway_url, key, 5)).count(200) == 5
+    assert await burst(gateway_url, key, 1) == [429]
+
+    age_window(redis_server, key_id, 2, 59.0)  # still inside the window: nothing frees
+    assert await burst(gateway_url, key, 1) == [429]
+
+    age_window(redis_server, key_id, 2, 1.5)  # now 60.5 s old: exactly two slots free up
+    assert sorted(await burst(gateway_url, key, 4)) == [200, 200, 429, 429]
+
+
+async def test_rejected_requests_are_not_recorded(
+    gateway_url: str, mint: Any, redis_server: RedisServer
+) -> None:
+    key, key_id = mint(rate_per_min=3)
+    await burst(gateway_url, key, 30)
+    assert redis_server.client().zcard(f"gw:{{{key_id}}}:window") == 3
+
+
+@pytest.fixture
+def two_worker_gateway(
+    tmp_path: Path, redis_url: str, upstreams: dict[str, Upstream], admin_key: str
+) -> Iterator[GatewayProcess]:
+    raw = config_dict(upstreams)
+    raw["models"]["gpt"] = {**FLAT, "routes": [{"provider": "openai", "model": "gpt-up"}]}
+    path = write_config(tmp_path / "gateway.yaml", raw)
+    env = {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_ADMIN_KEY": admin_key, **UPSTREAM_KEYS}
+    process = GatewayProcess(path, env, workers=2).start()
+    yield process
+    process.stop()
+
+
+async def test_monthly_cap_holds_across_two_workers(
+    two_worker_gateway: GatewayProcess,
+    admin_key: str,
+    upstreams: dict[str, Upstream],
+    redis_server: RedisServer,
+) -> None:
+    url = two_worker_gateway.url
+    upstreams["openai"].reply = LONG_TEXT
+    headers = {"authorization": f"Bearer {admin_key}"}
+    admin = httpx.Client(base_url=url + "/api/ai-gateway", headers=headers)
+    created = admin.post("/keys", json={"name": "capped", "monthly_cap": 0.00105}).json()
+    key, key_id = created["key"], created["record"]["id"]
+
+    statuses = await burst(url, key, 50, max_tokens=50)
+
+    assert statuses.count(200) == 10  # 10 * $0.0001 fits under $0.00105; an 11th would not
+    assert statuses.count(402) == 40
+    record = admin.get(f"/keys/{key_id}").json()
+    records = admin.get("/usage", params={"key": key_id, "limit": 1000}).json()["records"]
+    assert record["spend"] == pytest.approx(0.001)
+    assert record["spend_month"] == record["spend"]
+    assert record["reserved"] == 0
+    assert len(records) == 10
+    settled = int(redis_server.client().hget(f"gw:{{{key_id}}}:spend", "total"))
+    assert settled == sum(r["cost_nano"] for r in records) == 10 * REQUEST_COST_NANO
+    assert {r["provider"] for r in records} == {"openai"}

@@ -4,7 +4,8 @@
     ├── BadRequest              400   a malformed request; the message names the field
     ├── Unauthorized            401   missing, unknown or revoked key
     ├── SpendCapReached         402   a monthly or lifetime cap would be exceeded
-    ├── ModelNotAllowed         403   the key may not use this model
+    ├── Forbidden               403   the caller may not do this
+    │   └── ModelNotAllowed           the key may not use this model
     ├── NotFound                404   unknown model, key, template or route
     ├── PayloadTooLarge         413   body over the configured limit
     ├── RateLimited             429   the key's 60 s window is full
@@ -62,9 +63,13 @@ class SpendCapReached(GatewayError):
     code = "spend_cap_reached"
 
 
-class ModelNotAllowed(GatewayError):
+class Forbidden(GatewayError):
     status = 403
     type = "permission_error"
+    code = "forbidden"
+
+
+class ModelNotAllowed(Forbidden):
     code = "model_not_allowed"
 
 

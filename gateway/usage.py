@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway import keys
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, Forbidden
 from gateway.keys import Slots
 from gateway.money import to_usd
 from gateway.store import Store
@@ -35,7 +35,7 @@ def parse_query(params: dict[str, str], own_key: str | None) -> Query:
     key = params.get("key") or None
     if own_key is not None:
         if key not in (None, own_key):
-            raise BadRequest("key: a key can read only its own usage")
+            raise Forbidden("key: a key can read only its own usage")
         key = own_key
     try:
         limit = int(params.get("limit") or 100)

@@ -104,18 +104,29 @@ class ThreadServer:
 class GatewayProcess:
     """`gateway serve` as a real process (several uvicorn workers), stopped with SIGTERM."""
 
-    def __init__(self, config_path: Path, env: dict[str, str], workers: int = 2) -> None:
+    def __init__(
+        self,
+        config_path: Path | None,
+        env: dict[str, str],
+        workers: int = 2,
+        cwd: Path | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [
             sys.executable, "-m", "gateway", "serve", "--port", str(self.port),
-            "--workers", str(workers), "--config", str(config_path),
+            "--workers", str(workers),
         ]  # fmt: skip
+        if config_path:
+            self.args += ["--config", str(config_path)]
         self.env = {**os.environ, **env}
+        self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> GatewayProcess:
-        self.process = subprocess.Popen(self.args, env=self.env, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            self.args, env=self.env, cwd=self.cwd, stderr=subprocess.PIPE
+        )
         wait_until(lambda: httpx.get(self.url + "/readyz").status_code == 200, timeout=30)
         return self
 

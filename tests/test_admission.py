@@ -53,7 +53,7 @@ def age_window(redis_server: RedisServer, key_id: str, entries: int, seconds: fl
 async def test_rate_limit_exact_under_burst(
     gateway_url: str, mint: Any, redis_server: RedisServer
 ) -> None:
-    key, key_id = mint(rate_per_min=7)
+    key, _ = mint(rate_per_min=7)
     statuses = await burst(gateway_url, key, 21)
     assert statuses.count(200) == 7
     assert statuses.count(429) == 14

@@ -1,0 +1,137 @@
+"""The Lua scripts on a real server: calendar, idempotent admission and settlement, leases."""
+
+from __future__ import annotations
+
+import calendar
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gateway import keys
+from gateway.admission import Gate
+from gateway.errors import SpendCapReached
+from gateway.keys import KeySpec, Slots
+from gateway.store import Store, load_script
+from tests.servers import RedisServer
+
+pytestmark = [pytest.mark.redis]
+
+NANO = 10**9
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    store = Store(redis_url)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def gate(store: Store) -> Gate:
+    return Gate(store, lease_ms=60_000, retention_ms=86_400_000)
+
+
+async def new_key(store: Store, **spec: Any) -> tuple[str, str]:
+    raw, record = await keys.create(store, KeySpec(name="t", **spec))
+    return raw, record["id"]
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "1970-01-01",
+        "1999-12-31",
+        "2000-02-29",
+        "2000-03-01",
+        "2024-02-29",
+        "2026-12-31",
+        "2027-01-01",
+        "2100-02-28",
+        "2100-03-01",
+    ],
+)
+async def test_month_of_matches_the_calendar(store: Store, moment: str) -> None:
+    script = store.redis.register_script(
+        load_script("admit_request").split("local key_hash")[0]
+        + "return month_of(tonumber(ARGV[1]))"
+    )
+    seconds = calendar.timegm(time.strptime(moment, "%Y-%m-%d"))
+    for offset in (0, 86_399):
+        assert await script(keys=[], args=[seconds + offset]) == moment[:7]
+
+
+async def test_admission_replay_reserves_once(
+    store: Store, gate: Gate, redis_server: RedisServer
+) -> None:
+    raw, key_id = await new_key(store, rate_per_min=10, monthly_cap=1)
+    first = await gate.admit(raw, "m", "res-1", 1000)
+    again = await gate.admit(raw, "m", "res-1", 1000)
+    client = redis_server.client()
+    assert (first.reserved, again.reserved) == (1000, 1000)
+    assert client.hget(Slots.of(key_id).spend, "reserved") == "1000"
+    assert client.zcard(Slots.of(key_id).window) == 1
+
+
+async def test_settlement_replay_charges_once(
+    store: Store, gate: Gate, redis_server: RedisServer
+) -> None:
+    raw, key_id = await new_key(store)
+    ticket = await gate.admit(raw, "m", "res-2", 5000)
+    record = {"model": "m", "provider": "p", "input_tokens": 1, "output_tokens": 2, "cached": 0}
+    await gate.settle(ticket, 1234, record)
+    await gate.settle(ticket, 1234, record)
+    client = redis_server.client()
+    spend = client.hgetall(Slots.of(key_id).spend)
+    assert (spend["total"], spend["reserved"]) == ("1234", "0")
+    assert client.xlen(Slots.of(key_id).usage) == 1
+
+
+async def test_expired_lease_gives_capacity_back(
+    store: Store, gate: Gate, redis_server: RedisServer
+) -> None:
+    raw, key_id = await new_key(store, hard_cap=0.000003)  # 3000 nano-USD
+    await gate.admit(raw, "m", "dead-worker", 3000)
+    with pytest.raises(SpendCapReached):
+        await gate.admit(raw, "m", "blocked", 3000)
+
+    client = redis_server.client()
+    client.zadd(Slots.of(key_id).lease, {"dead-worker": 0})  # its lease ran out long ago
+    ticket = await gate.admit(raw, "m", "after-expiry", 3000)
+    assert ticket.reserved == 3000
+    assert client.hget(Slots.of(key_id).spend, "reserved") == "3000"
+
+
+async def test_late_settlement_after_expiry_charges_without_double_release(
+    store: Store, gate: Gate, redis_server: RedisServer
+) -> None:
+    raw, key_id = await new_key(store)
+    slow = await gate.admit(raw, "m", "slow-worker", 4000)
+    client = redis_server.client()
+    client.zadd(Slots.of(key_id).lease, {"slow-worker": 0})
+    await gate.admit(raw, "m", "purger", 100)  # purges the expired lease
+    await gate.settle(slow, 2500, {"model": "m"})
+    spend = client.hgetall(Slots.of(key_id).spend)
+    assert (spend["total"], spend["reserved"]) == ("2500", "100")
+
+
+async def test_monthly_cap_counts_only_this_month(
+    store: Store, gate: Gate, redis_server: RedisServer
+) -> None:
+    raw, key_id = await new_key(store, monthly_cap=0.00001)  # 10_000 nano-USD
+    redis_server.client().hset(Slots.of(key_id).spend, "m:2000-01", 10 * NANO)
+    assert (await gate.admit(raw, "m", "r", 10_000)).reserved == 10_000
+    with pytest.raises(SpendCapReached, match="monthly"):
+        await gate.admit(raw, "m", "r2", 1)
+
+
+async def test_unknown_and_wrong_hash_are_unauthorized(store: Store, gate: Gate) -> None:
+    from gateway.errors import Unauthorized
+
+    raw, _ = await new_key(store)
+    with pytest.raises(Unauthorized):
+        await gate.admit(keys.mint(), "m", "r", 1)
+    forged = raw[:-1] + ("A" if raw[-1] != "A" else "B")
+    with pytest.raises(Unauthorized):
+        await gate.admit(forged, "m", "r", 1)

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import config as config_module
-from gateway.api import admin, chat
+from gateway.api import admin, chat, prompts
 from gateway.api.http import JSON, error_response
 from gateway.api.log import RequestLog
 from gateway.config import Config
@@ -71,6 +71,11 @@ ROUTES = [
     Route(f"{API}/prices/{{model:path}}", admin.show_price, methods=["GET"]),
     Route(f"{API}/prices/{{model:path}}", admin.put_price, methods=["PUT"]),
     Route(f"{API}/usage", admin.list_usage, methods=["GET"]),
+    Route(f"{API}/prompts", prompts.list_prompts, methods=["GET"]),
+    Route(f"{API}/prompts/{{name}}", prompts.push_version, methods=["POST"]),
+    Route(f"{API}/prompts/{{name}}", prompts.show_prompt, methods=["GET"]),
+    Route(f"{API}/prompts/{{name}}/activate", prompts.activate, methods=["POST"]),
+    Route(f"{API}/prompts/{{name}}/render", prompts.render, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
 ]

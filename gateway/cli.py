@@ -163,3 +163,56 @@ def prices(model: str | None, input_per_1k: float | None, output_per_1k: float |
         "output_per_1k": current["output_per_1k"] if output_per_1k is None else output_per_1k,
     }
     _show(_call("PUT", f"/prices/{model}", json=body))
+
+
+@main.group()
+def prompts() -> None:
+    """Versioned prompt templates."""
+
+
+@prompts.command("push")
+@click.argument("name")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+def prompts_push(name: str, file: Any) -> None:
+    """Add FILE's text as the next version of NAME (use - for standard input)."""
+    _show(_call("POST", f"/prompts/{name}", json={"template": file.read()}))
+
+
+@prompts.command("list")
+def prompts_list() -> None:
+    """Every template with its active and latest version."""
+    for prompt in _call("GET", "/prompts")["prompts"]:
+        click.echo(f"{prompt['name']}  active v{prompt['active']}  latest v{prompt['latest']}")
+
+
+@prompts.command("show")
+@click.argument("name")
+def prompts_show(name: str) -> None:
+    """Every version of NAME and which one is active."""
+    _show(_call("GET", f"/prompts/{name}"))
+
+
+@prompts.command("activate")
+@click.argument("name")
+@click.argument("version", type=click.IntRange(1))
+def prompts_activate(name: str, version: int) -> None:
+    """Make VERSION the active one, on every replica at its next request."""
+    _show(_call("POST", f"/prompts/{name}/activate", json={"version": version}))
+
+
+@prompts.command("render")
+@click.argument("name")
+@click.option("--var", "variables", multiple=True, metavar="NAME=VALUE", help="Repeatable.")
+@click.option("--version", type=click.IntRange(1), help="Default: the active version.")
+def prompts_render(name: str, variables: tuple[str, ...], version: int | None) -> None:
+    """Print NAME rendered with the given variables."""
+    values = {}
+    for pair in variables:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--var")
+        values[key] = value
+    body: dict[str, Any] = {"variables": values}
+    if version is not None:
+        body["version"] = version
+    click.echo(_call("POST", f"/prompts/{name}/render", json=body)["text"])

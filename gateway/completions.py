@@ -27,6 +27,7 @@ from gateway.config import Config
 from gateway.errors import BadRequest, NotFound, ProviderFailure
 from gateway.money import cost
 from gateway.prices import Price, PriceBook
+from gateway.prompts import Prompts
 from gateway.routing import Router, Stream
 from gateway.schema import ChatRequest, check
 from gateway.streams import DONE, Assembler, replay, sse
@@ -73,16 +74,23 @@ class Result:
 
 class Completions:
     def __init__(
-        self, config: Config, gate: Gate, cache: Cache, prices: PriceBook, router: Router
+        self,
+        config: Config,
+        gate: Gate,
+        cache: Cache,
+        prices: PriceBook,
+        router: Router,
+        prompts: Prompts,
     ) -> None:
         self.config = config
+        self.prompts = prompts
         self.gate = gate
         self.cache = cache
         self.prices = prices
         self.router = router
         self.deadline = config.limits.request_timeout_seconds
 
-    def plan(
+    async def plan(
         self,
         body: dict[str, Any],
         key_id: str,
@@ -94,7 +102,8 @@ class Completions:
         settings = self.config.models.get(model)
         if settings is None:
             raise NotFound(f"the model {model!r} does not exist", code="model_not_found")
-        body = {k: v for k, v in body.items() if k != "prompt"}
+        record: dict[str, Any] = {"model": model, "request_id": request_id}
+        body = await self._with_prompt(body, record)
         max_tokens = _max_tokens(body, settings.max_output_tokens)
         price = self.prices[model]
         input_bound = estimate_input(body)
@@ -109,13 +118,26 @@ class Completions:
             price=price,
             reservation=cost(input_bound, price.input_per_1k)
             + cost(output_bound, price.output_per_1k),
-            record={"model": model, "request_id": request_id},
+            record=record,
         )
         lookup, write = cache_control
         if self.config.cache.enabled and (lookup or write):
             plan.cache_key = self.cache.key_for(body, key_id)
             plan.lookup, plan.cache_write = lookup, write
         return plan
+
+    async def _with_prompt(self, body: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+        """The body with its `prompt` rendered into the first message (before any money)."""
+        ref = body.get("prompt")
+        body = {k: v for k, v in body.items() if k != "prompt"}
+        if ref is None:
+            return body
+        text, version = await self.prompts.render(
+            ref["name"], ref.get("version"), ref.get("variables") or {}
+        )
+        body["messages"] = [{"role": ref.get("role", "system"), "content": text}, *body["messages"]]
+        record |= {"prompt": ref["name"], "prompt_version": version}
+        return body
 
     async def admit(self, raw_key: str, plan: Plan) -> tuple[Ticket, Entry | None]:
         # The reservation id is ours, never the client's x-request-id: a client that reused

@@ -52,6 +52,8 @@ class LimitsConfig(_Strict):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     request_timeout_seconds: float = Field(300.0, gt=0)
     usage_retention_days: int = Field(90, ge=1)
+    max_template_bytes: int = Field(65_536, ge=1)
+    max_variables_bytes: int = Field(65_536, ge=1)
 
 
 class Config(_Strict):

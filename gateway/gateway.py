@@ -11,6 +11,7 @@ from gateway.cache import Cache
 from gateway.completions import Completions
 from gateway.config import Config
 from gateway.prices import PriceBook
+from gateway.prompts import Prompts
 from gateway.routing import Router
 from gateway.store import Store
 
@@ -28,6 +29,7 @@ class Gateway:
     gate: Gate
     completions: Completions
     admin: AdminAuth
+    prompts: Prompts
 
     @classmethod
     def build(cls, config: Config, redis_url: str, cache_url: str | None = None) -> Gateway:
@@ -39,9 +41,10 @@ class Gateway:
         retention_ms = config.limits.usage_retention_days * 86_400_000
         gate = Gate(store, lease_ms=lease_ms, retention_ms=retention_ms)
         cache = Cache(config.cache, cache_store)
-        completions = Completions(config, gate, cache, prices, router)
+        prompts = Prompts(store, config.limits)
+        completions = Completions(config, gate, cache, prices, router, prompts)
         admin = AdminAuth(store, os.environ.get("GATEWAY_ADMIN_KEY") or None)
-        return cls(config, store, cache_store, prices, router, gate, completions, admin)
+        return cls(config, store, cache_store, prices, router, gate, completions, admin, prompts)
 
     async def aclose(self) -> None:
         await self.gate.drain()

@@ -124,6 +124,12 @@ def _bound(ms: int | None, default: str) -> str:
     return default if ms is None else str(ms)
 
 
+def _prompt(fields: dict[str, str]) -> dict[str, Any]:
+    if "prompt" not in fields:
+        return {}
+    return {"prompt": fields["prompt"], "prompt_version": int(fields["prompt_version"])}
+
+
 def _shape(stream_id: str, key_id: str, fields: dict[str, str]) -> dict[str, Any]:
     ms = int(stream_id.partition("-")[0])
     return {
@@ -137,5 +143,6 @@ def _shape(stream_id: str, key_id: str, fields: dict[str, str]) -> dict[str, Any
         "cost": to_usd(int(fields.get("cost", 0))),
         "cost_nano": int(fields.get("cost", 0)),
         "cached": fields.get("cached") == "1",
+        **_prompt(fields),
         "at": datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z"),
     }

@@ -87,3 +87,21 @@ def test_unreachable_gateway_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
     result = CliRunner().invoke(main, ["keys", "list"])
     assert result.exit_code == 1
     assert "cannot reach the gateway" in result.output
+
+
+def test_prompts_commands(run: CliRunner, tmp_path: Path) -> None:
+    template = tmp_path / "greeting.txt"
+    template.write_text("Hello {{ who }}")
+    pushed = run.invoke(main, ["prompts", "push", "greeting", str(template)])
+    assert pushed.exit_code == 0, pushed.output
+    assert orjson.loads(pushed.output)["version"] == 1
+    template.write_text("Hi {{ who }}")
+    run.invoke(main, ["prompts", "push", "greeting", str(template)])
+    assert "active v1  latest v2" in run.invoke(main, ["prompts", "list"]).output
+    assert run.invoke(main, ["prompts", "activate", "greeting", "2"]).exit_code == 0
+    rendered = run.invoke(main, ["prompts", "render", "greeting", "--var", "who=Ada"])
+    assert rendered.output.strip() == "Hi Ada"
+    shown = orjson.loads(run.invoke(main, ["prompts", "show", "greeting"]).output)
+    assert shown["active"] == 2
+    bad = run.invoke(main, ["prompts", "render", "greeting", "--var", "novalue"])
+    assert bad.exit_code == 2 and "NAME=VALUE" in bad.output

@@ -70,7 +70,7 @@ async def _plan(request: Request, gateway: Gateway, *, native: bool = False) -> 
     if native:
         check(NativeRequest, body)
     cache_control = directives(request.headers.get("cache-control"))
-    plan = gateway.completions.plan(body, key_id, cache_control, request.state.request_id)
+    plan = await gateway.completions.plan(body, key_id, cache_control, request.state.request_id)
     _note(request, model=plan.model)
     return raw_key, plan
 

@@ -30,7 +30,7 @@ _UNAVAILABLE = (
     rexc.ReadOnlyError,
     OSError,
 )
-SCRIPTS = ("admit_request", "settle_request")
+SCRIPTS = ("admit_request", "settle_request", "add_prompt_version")
 
 
 def lua_dir() -> Path:

@@ -1,0 +1,17 @@
+-- add_prompt_version: store a new, immutable version of a template under the next
+-- number. The number is taken and the text stored in one atomic step, so versions pushed
+-- at the same moment by any number of replicas are distinct and gap-free. The first
+-- version becomes the active one.
+--
+-- KEYS[1]  prompt:{name}:meta      hash  latest, active, created:<version> (s)
+-- KEYS[2]  prompt:{name}:versions  hash  version -> template text
+-- ARGV[1]  template text
+--
+-- Returns {version, active version}
+
+local seconds = now()
+local version = redis.call('HINCRBY', KEYS[1], 'latest', 1)
+redis.call('HSET', KEYS[2], version, ARGV[1])
+redis.call('HSET', KEYS[1], 'created:' .. version, seconds)
+if version == 1 then redis.call('HSET', KEYS[1], 'active', 1) end
+return {version, tonumber(redis.call('HGET', KEYS[1], 'active'))}

@@ -27,6 +27,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free too."""
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
 def wait_until(check: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -52,12 +65,13 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = tempfile.mkdtemp(prefix="gw-redis-")
         self.process: subprocess.Popen[bytes] | None = None
+        self.extra_args: list[str] = []
 
     def start(self) -> RedisServer:
         args = [
             redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", self.dir,
-            "--maxmemory-policy", "noeviction",
+            "--maxmemory-policy", "noeviction", *self.extra_args,
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self.client().ping)
@@ -140,3 +154,36 @@ class GatewayProcess:
             self.process.kill()
             _, err = self.process.communicate()
         return err.decode(errors="replace")
+
+
+class RedisClusterServers:
+    """`masters` cluster-enabled servers on free ports, their slots split evenly, no replicas."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.nodes = [RedisServer(cluster_port()) for _ in range(masters)]
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> RedisClusterServers:
+        for node in self.nodes:
+            node.extra_args = ["--cluster-enabled", "yes",
+                               "--cluster-config-file", f"{node.dir}/nodes.conf"]  # fmt: skip
+            node.start()
+        clients = [node.client() for node in self.nodes]
+        share = 16384 // len(self.nodes)
+        for i, client in enumerate(clients):
+            last = 16383 if i == len(clients) - 1 else (i + 1) * share - 1
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
+        for client in clients[1:]:
+            client.execute_command("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port)
+        wait_until(lambda: all(_cluster_ok(c, len(clients)) for c in clients), timeout=20)
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _cluster_ok(client: redis.Redis, masters: int) -> bool:
+    info = client.execute_command("CLUSTER", "INFO")
+    info = info if isinstance(info, str) else info.decode()
+    return "cluster_state:ok" in info and f"cluster_known_nodes:{masters}" in info

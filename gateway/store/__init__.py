@@ -18,6 +18,7 @@ from redis import exceptions as rexc
 from redis.commands.core import AsyncScript
 
 from gateway.errors import StoreUnavailable
+from gateway.store.topology import connect
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +46,12 @@ def load_script(name: str) -> str:
     return prelude + "\n" + (folder / f"{name}.lua").read_text(encoding="utf-8")
 
 
-def connect(url: str, *, decode: bool = True) -> aioredis.Redis:
-    """A pooled asyncio client for `redis://`, `rediss://` or `unix://` URLs."""
-    return aioredis.Redis.from_url(
-        url,
-        decode_responses=decode,
-        socket_timeout=5.0,
-        socket_connect_timeout=2.0,
-        health_check_interval=30,
-        max_connections=512,
-    )
-
-
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.redis = connect(url)
-        self.binary = connect(url, decode=False)  # for msgpack cache entries
+        # Typed as a plain client: RedisCluster offers the same commands.
+        self.redis: aioredis.Redis = connect(url)
+        self.binary: aioredis.Redis = connect(url, decode=False)  # msgpack cache entries
         self.scripts: dict[str, AsyncScript] = {
             name: self.redis.register_script(load_script(name)) for name in SCRIPTS
         }
@@ -92,8 +82,8 @@ class Store:
 
     async def warn_if_evicting(self) -> None:
         try:
-            policy = (await self.redis.config_get("maxmemory-policy")).get("maxmemory-policy")
-        except (*_UNAVAILABLE, rexc.ResponseError):
+            policy = (await self.redis.config_get("maxmemory-policy"))["maxmemory-policy"]
+        except (*_UNAVAILABLE, rexc.ResponseError, KeyError):
             return
         if policy and policy != "noeviction":
             log.warning(
@@ -110,3 +100,4 @@ class Store:
     async def close(self) -> None:
         await self.redis.aclose()
         await self.binary.aclose()
+

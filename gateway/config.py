@@ -56,7 +56,15 @@ class LimitsConfig(_Strict):
     max_variables_bytes: int = Field(65_536, ge=1)
 
 
+class StoreConfig(_Strict):
+    # Replicas that must acknowledge each admission and settlement (Redis WAIT), so a
+    # failover cannot lose a reservation or a charge; 0 trusts asynchronous replication.
+    wait_replicas: int = Field(0, ge=0, le=16)
+    wait_timeout_ms: int = Field(100, ge=1, le=60_000)
+
+
 class Config(_Strict):
+    store: StoreConfig = StoreConfig()
     cache: CacheConfig = CacheConfig()
     limits: LimitsConfig = LimitsConfig()
     providers: dict[str, ProviderConfig]

@@ -33,7 +33,11 @@ class Gateway:
 
     @classmethod
     def build(cls, config: Config, redis_url: str, cache_url: str | None = None) -> Gateway:
-        store = Store(redis_url)
+        store = Store(
+            redis_url,
+            wait_replicas=config.store.wait_replicas,
+            wait_timeout_ms=config.store.wait_timeout_ms,
+        )
         cache_store = Store(cache_url) if cache_url else store
         prices = PriceBook(config, store)
         router = Router(config)

@@ -187,3 +187,52 @@ def _cluster_ok(client: redis.Redis, masters: int) -> bool:
     info = client.execute_command("CLUSTER", "INFO")
     info = info if isinstance(info, str) else info.decode()
     return "cluster_state:ok" in info and f"cluster_known_nodes:{masters}" in info
+
+
+class SentinelGroup:
+    """A master, one replica and three sentinels watching them (quorum 2, 1 s down-after)."""
+
+    def __init__(self, service: str = "mymaster") -> None:
+        self.service = service
+        self.master = RedisServer()
+        self.replica = RedisServer()
+        self.replica.extra_args = ["--replicaof", "127.0.0.1", str(self.master.port)]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        self.url = f"redis+sentinel://{hosts}/{service}"
+
+    def start(self) -> SentinelGroup:
+        self.master.start()
+        self.replica.start()
+        wait_until(lambda: self.master.client().info("replication")["connected_slaves"] == 1)
+        for port in self.sentinel_ports:
+            conf = Path(self.master.dir) / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.master.dir}\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.service} 1000\n"
+                f"sentinel failover-timeout {self.service} 5000\n"
+            )
+            self.sentinels.append(
+                subprocess.Popen(
+                    [redis_binary(), str(conf), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        for port in self.sentinel_ports:
+            client = redis.Redis(port=port, decode_responses=True)
+            wait_until(lambda c=client: c.sentinel_master(self.service)["num-other-sentinels"] == 2)
+        return self
+
+    def master_port(self) -> int:
+        client = redis.Redis(port=self.sentinel_ports[0], decode_responses=True)
+        return int(client.sentinel_get_master_addr_by_name(self.service)[1])
+
+    def stop(self) -> None:
+        for process in self.sentinels:
+            process.kill()
+            process.wait()
+        self.master.stop()
+        self.replica.stop()

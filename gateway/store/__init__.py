@@ -47,8 +47,10 @@ def load_script(name: str) -> str:
 
 
 class Store:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, wait_replicas: int = 0, wait_timeout_ms: int = 100) -> None:
         self.url = url
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         # Typed as a plain client: RedisCluster offers the same commands.
         self.redis: aioredis.Redis = connect(url)
         self.binary: aioredis.Redis = connect(url, decode=False)  # msgpack cache entries
@@ -59,7 +61,26 @@ class Store:
     async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA a script by name (redis-py reloads it once after NOSCRIPT)."""
         script = self.scripts[name]
+        if self.wait_replicas:
+            return await self.call(lambda: self._run_replicated(script, keys, args))
         return await self.call(lambda: script(keys=keys, args=args))
+
+    async def _run_replicated(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA then WAIT in one round trip: the answer comes once replicas have the write."""
+        for _ in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+                answer, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(answer, rexc.NoScriptError):
+                await self.redis.script_load(script.script)
+                continue
+            if isinstance(answer, Exception):
+                raise answer
+            if isinstance(acked, int) and acked < self.wait_replicas:
+                log.warning("a write reached %d of %d replicas in time", acked, self.wait_replicas)
+            return answer
+        raise rexc.NoScriptError("script could not be loaded")
 
     async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -100,4 +121,3 @@ class Store:
     async def close(self) -> None:
         await self.redis.aclose()
         await self.binary.aclose()
-

@@ -5,6 +5,10 @@
     redis+sentinel://[:password@]host:26379[,host2:26379]/mymaster[/db]
                                                                the master Sentinel names
 
+Single servers and Sentinel masters use a blocking pool: under a burst, a request waits
+up to `POOL_WAIT_SECONDS` for a free connection instead of failing. (A cluster client
+keeps a pool per node, sized for the burst, since redis-py has no blocking variant.)
+
 Every Redis key one script touches carries the same {hash tag}, so each script runs on
 one cluster shard; redis-py routes it by its keys and reloads a script on the node that
 answers NOSCRIPT.
@@ -17,8 +21,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
+POOL_SIZE = 256
+POOL_WAIT_SECONDS = 5.0
+CLUSTER_POOL_SIZE_PER_NODE = 2048
 OPTIONS: dict[str, Any] = {
     "socket_timeout": 5.0,
     "socket_connect_timeout": 2.0,
@@ -33,7 +40,14 @@ def connect(url: str, *, decode: bool = True) -> Any:
         return _cluster(url, decode)
     if scheme == "redis+sentinel":
         return _sentinel(url, decode)
-    return aioredis.Redis.from_url(url, decode_responses=decode, max_connections=512, **OPTIONS)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        decode_responses=decode,
+        max_connections=POOL_SIZE,
+        timeout=POOL_WAIT_SECONDS,
+        **OPTIONS,
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
@@ -53,7 +67,7 @@ def _cluster(url: str, decode: bool) -> RedisCluster:
         decode_responses=decode,
         ssl=parts.scheme.startswith("rediss"),
         password=unquote(parts.password) if parts.password else None,
-        max_connections=512,
+        max_connections=CLUSTER_POOL_SIZE_PER_NODE,
         **{**OPTIONS, **options},
     )
 
@@ -73,4 +87,13 @@ def _sentinel(url: str, decode: bool) -> aioredis.Redis:
         decode_responses=decode,
         **OPTIONS,
     )
-    return sentinel.master_for(service)  # type: ignore[no-any-return]
+    return sentinel.master_for(  # type: ignore[no-any-return]
+        service,
+        connection_pool_class=BlockingSentinelPool,
+        max_connections=POOL_SIZE,
+        timeout=POOL_WAIT_SECONDS,
+    )
+
+
+class BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """The Sentinel-managed pool, waiting for a free connection like BlockingConnectionPool."""

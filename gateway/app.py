@@ -21,6 +21,7 @@ from gateway.api.log import RequestLog
 from gateway.config import Config
 from gateway.errors import GatewayError, StoreUnavailable
 from gateway.gateway import Gateway
+from gateway.lifecycle import die_with_parent, worker_parent
 from gateway.server import configure_logging
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ def create_app(
 ) -> Starlette:
     """The app for one worker; `gateway serve` sets GATEWAY_REDIS_URL for the embedded store."""
     configure_logging()
+    supervisor = worker_parent()
+    if supervisor is not None:
+        die_with_parent(supervisor)
     config = config or config_module.load()
     redis_url = redis_url or os.environ.get("GATEWAY_REDIS_URL")
     if not redis_url:
@@ -111,6 +115,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = gateway
+    # A slash redirect would build its Location from the client's Host header.
+    app.router.redirect_slashes = False
     return app
 
 

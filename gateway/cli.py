@@ -139,9 +139,12 @@ def keys_revoke(key_id: str) -> None:
 @click.option("--since", help="Unix seconds or ISO 8601.")
 @click.option("--until", help="Unix seconds or ISO 8601.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
-def usage(key_id: str | None, since: str | None, until: str | None, limit: int) -> None:
-    """Usage records, newest first."""
-    params = {"key": key_id, "since": since, "until": until, "limit": limit}
+@click.option("--cursor", help="The `next` of the previous page.")
+def usage(
+    key_id: str | None, since: str | None, until: str | None, limit: int, cursor: str | None
+) -> None:
+    """Usage records, newest first; page on with --cursor."""
+    params = {"key": key_id, "since": since, "until": until, "limit": limit, "cursor": cursor}
     _show(_call("GET", "/usage", params={k: v for k, v in params.items() if v}))
 
 
@@ -152,6 +155,8 @@ def usage(key_id: str | None, since: str | None, until: str | None, limit: int) 
 def prices(model: str | None, input_per_1k: float | None, output_per_1k: float | None) -> None:
     """Show the price book, or set MODEL's price on every replica."""
     if model is None:
+        if input_per_1k is not None or output_per_1k is not None:
+            raise click.UsageError("name the MODEL whose price to set")
         _show(_call("GET", "/prices"))
         return
     if input_per_1k is None and output_per_1k is None:

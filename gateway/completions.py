@@ -16,50 +16,22 @@ import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
-
-import orjson
 
 from gateway.admission import Gate, Ticket
 from gateway.cache import Cache, Entry
 from gateway.config import Config
-from gateway.errors import BadRequest, NotFound, ProviderFailure
-from gateway.money import cost
-from gateway.prices import Price, PriceBook
+from gateway.errors import GatewayTimeout, NotFound, ProviderFailure
+from gateway.plan import Plan
+from gateway.prices import PriceBook
 from gateway.prompts import Prompts
 from gateway.routing import Router, Stream
 from gateway.schema import ChatRequest, check
 from gateway.streams import DONE, Assembler, replay, sse
 
 log = logging.getLogger(__name__)
-
-# Images are priced by their pixels, not by the bytes of a URL: bound each one apart.
-IMAGE_TOKEN_BOUND = 2_000
-_MESSAGE_OVERHEAD = 16
-
-
-@dataclass(slots=True)
-class Plan:
-    """A validated request, ready for admission."""
-
-    body: dict[str, Any]  # what goes upstream (OpenAI shape, max_tokens always set)
-    model: str
-    stream: bool
-    include_usage: bool
-    input_bound: int
-    output_bound: int
-    price: Price
-    reservation: int  # nano-USD
-    cache_key: str | None = None
-    lookup: bool = False
-    cache_write: bool = False
-    record: dict[str, Any] = field(default_factory=dict)
-
-    def charge(self, input_tokens: int, output_tokens: int) -> int:
-        return cost(input_tokens, self.price.input_per_1k) + cost(
-            output_tokens, self.price.output_per_1k
-        )
 
 
 @dataclass(slots=True)
@@ -104,22 +76,8 @@ class Completions:
             raise NotFound(f"the model {model!r} does not exist", code="model_not_found")
         record: dict[str, Any] = {"model": model, "request_id": request_id}
         body = await self._with_prompt(body, record)
-        max_tokens = _max_tokens(body, settings.max_output_tokens)
-        price = self.prices[model]
-        input_bound = estimate_input(body)
-        output_bound = max_tokens * (body.get("n") or 1)
-        plan = Plan(
-            body=body,
-            model=model,
-            stream=bool(body.get("stream")),
-            include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
-            input_bound=input_bound,
-            output_bound=output_bound,
-            price=price,
-            reservation=cost(input_bound, price.input_per_1k)
-            + cost(output_bound, price.output_per_1k),
-            record=record,
-        )
+        plan = Plan.of(body, model, settings, self.prices[model])
+        plan.record = record
         lookup, write = cache_control
         if self.config.cache.enabled and (lookup or write):
             plan.cache_key = self.cache.key_for(body, key_id)
@@ -143,6 +101,8 @@ class Completions:
         # The reservation id is ours, never the client's x-request-id: a client that reused
         # an id must not be able to pass as a replay of an admitted request.
         reservation_id = secrets.token_hex(16)
+        # One deadline from admission on, shorter than the reservation's lease.
+        plan.deadline = asyncio.get_running_loop().time() + self.deadline
         admission = self.gate.admit(raw_key, plan.model, reservation_id, plan.reservation)
         if not (plan.lookup and plan.cache_key):
             return await admission, None
@@ -154,12 +114,8 @@ class Completions:
             await self.gate.settle(ticket, 0, self._record(plan, ticket, hit.provider, 0, 0, True))
             body = {**hit.body, "model": plan.model}
             return Result(body, hit.provider, hit.input_tokens, hit.output_tokens, 0, True)
-        try:
-            async with asyncio.timeout(self.deadline):
-                served = await self.router.complete(plan.model, plan.body)
-        except BaseException:
-            await asyncio.shield(self.gate.release(ticket))
-            raise
+        async with self._serving(plan, ticket):
+            served = await self.router.complete(plan.model, plan.body)
         done = served.completion
         charge = plan.charge(done.input_tokens, done.output_tokens)
         record = self._record(
@@ -175,12 +131,21 @@ class Completions:
     async def open_stream(self, plan: Plan, ticket: Ticket, hit: Entry | None) -> Relay:
         if hit is not None:
             return Relay(self, plan, ticket, hit=hit)
-        try:
+        async with self._serving(plan, ticket):
             stream = await self.router.stream(plan.model, plan.body)
-        except BaseException:
-            await asyncio.shield(self.gate.release(ticket))
-            raise
         return Relay(self, plan, ticket, stream=stream)
+
+    @asynccontextmanager
+    async def _serving(self, plan: Plan, ticket: Ticket) -> AsyncIterator[None]:
+        """Until a provider answers: bounded by the deadline; on any failure, release."""
+        try:
+            async with asyncio.timeout_at(plan.deadline):
+                yield
+        except BaseException as exc:
+            await asyncio.shield(self.gate.release(ticket))
+            if isinstance(exc, TimeoutError):
+                raise GatewayTimeout("no route answered within the request timeout") from exc
+            raise
 
     def _record(
         self,
@@ -234,7 +199,7 @@ class Relay:
             return
         assert self.stream is not None
         try:
-            async with asyncio.timeout(self.owner.deadline):
+            async with asyncio.timeout_at(self.plan.deadline):
                 async for chunk in self.stream.chunks:
                     self.assembler.add(chunk)
                     shown = self._shown(chunk)
@@ -289,33 +254,3 @@ class Relay:
         if reported:
             return input_tokens, usage.output_tokens or 0
         return input_tokens, min(usage.output_bytes, self.plan.output_bound)
-
-
-def estimate_input(body: dict[str, Any]) -> int:
-    """An upper bound of input tokens: a token spans at least one byte of UTF-8."""
-    size = len(orjson.dumps(body["messages"])) + _MESSAGE_OVERHEAD * len(body["messages"])
-    if body.get("tools"):
-        size += len(orjson.dumps(body["tools"]))
-    return size + IMAGE_TOKEN_BOUND * _image_count(body["messages"])
-
-
-def _image_count(messages: list[dict[str, Any]]) -> int:
-    return sum(
-        1
-        for m in messages
-        if isinstance(m.get("content"), list)
-        for part in m["content"]
-        if part.get("type") == "image_url"
-    )
-
-
-def _max_tokens(body: dict[str, Any], ceiling: int) -> int:
-    """The output bound; when the client sets none, the model's ceiling is sent upstream."""
-    field_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    asked = body.get(field_name)
-    if asked is None:
-        body["max_tokens"] = ceiling
-        return ceiling
-    if asked > ceiling:
-        raise BadRequest(f"{field_name}: {asked} is over this model's limit of {ceiling}")
-    return int(asked)

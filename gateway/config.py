@@ -45,6 +45,8 @@ class ModelConfig(_Strict):
     input_per_1k: USD
     output_per_1k: USD
     max_output_tokens: int = Field(4096, ge=1, le=1_000_000)
+    # Input tokens reserved per image part; images are billed by pixels, not URL bytes.
+    image_token_bound: int = Field(3000, ge=0, le=1_000_000)
     routes: list[Route] = Field(min_length=1)
 
 

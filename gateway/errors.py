@@ -7,10 +7,12 @@
     ├── Forbidden               403   the caller may not do this
     │   └── ModelNotAllowed           the key may not use this model
     ├── NotFound                404   unknown model, key, template or route
+    ├── RequestTimeout          408   the body did not arrive in time
     ├── PayloadTooLarge         413   body over the configured limit
     ├── RateLimited             429   the key's 60 s window is full
     ├── UpstreamRejected      4xx     a provider refused the request as the client's error
     ├── AllRoutesFailed         502   every route of the model failed
+    ├── GatewayTimeout          504   no route answered within the request timeout
     └── StoreUnavailable        503   Redis cannot be reached
 
     ProviderFailure                   one route failed in a way that allows fallback
@@ -79,6 +81,12 @@ class NotFound(GatewayError):
     code = "not_found"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
@@ -120,6 +128,12 @@ class AllRoutesFailed(GatewayError):
     status = 502
     type = "upstream_error"
     code = "all_routes_failed"
+
+
+class GatewayTimeout(GatewayError):
+    status = 504
+    type = "upstream_error"
+    code = "upstream_timeout"
 
 
 class StoreUnavailable(GatewayError):

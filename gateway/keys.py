@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.errors import Unauthorized
 from gateway.money import to_nano, to_usd
@@ -56,6 +56,14 @@ class KeySpec(BaseModel):
     rate_per_min: int = Field(0, ge=0, le=10_000_000)
     monthly_cap: float = Field(0, ge=0, le=1e9, allow_inf_nan=False)
     hard_cap: float = Field(0, ge=0, le=1e9, allow_inf_nan=False)
+
+    @field_validator("monthly_cap", "hard_cap")
+    @classmethod
+    def _cap_is_zero_or_countable(cls, value: float) -> float:
+        # Money is counted in nano-USD; a smaller positive cap would round to 0, "unlimited".
+        if 0 < value < 1e-9:
+            raise ValueError("must be 0 (unlimited) or at least 0.000000001")
+        return value
 
 
 def hash_key(raw: str) -> str:

@@ -1,8 +1,9 @@
 """Request validation: the OpenAI chat schema and the native request, checked before money.
 
 Bodies are decoded with orjson, which refuses NaN, Infinity, invalid UTF-8 and integers
-beyond 64 bits, then validated by pydantic in strict mode (no "1" for 1). The first
-problem becomes a 400 whose message names the field, as `messages[0].role: ...`.
+beyond 64 bits, checked for nesting depth, then validated by pydantic in strict mode (no
+"1" for 1). The first problem becomes a 400 whose message names the field, as
+`messages[0].role: ...`.
 Fields the schema does not know are forwarded as they are.
 """
 
@@ -14,6 +15,9 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.errors import BadRequest
+
+# orjson reads 1024 levels but writes only 254; nothing legitimate nests past this.
+MAX_DEPTH = 64
 
 Float = Annotated[float, Field(allow_inf_nan=False)]
 Name = Annotated[str, Field(max_length=256)]
@@ -182,7 +186,21 @@ def decode(raw: bytes) -> dict[str, Any]:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    if _deeper_than(body, MAX_DEPTH):
+        raise BadRequest(f"the request body is nested more than {MAX_DEPTH} levels deep")
     return body
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON containers nest beyond `limit`; iterative, so any depth is safe."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def check(model: type[BaseModel], body: dict[str, Any]) -> BaseModel:

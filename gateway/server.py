@@ -9,9 +9,22 @@ import uvicorn
 
 from gateway import config as config_module
 from gateway.auth import data_dir
+from gateway.errors import ConfigError
+from gateway.store import topology
 from gateway.store.embedded import EmbeddedServer
 
 log = logging.getLogger(__name__)
+
+
+def _check_url(name: str) -> None:
+    url = os.environ.get(name)
+    if not url:
+        return
+    try:
+        topology.connect(url)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
+
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
@@ -27,14 +40,21 @@ def configure_logging() -> None:
 
 
 def serve(host: str, port: int, workers: int, config_path: str | None) -> None:
+    """Check everything a worker needs, start the embedded store if asked, run uvicorn."""
     configure_logging()
     if config_path:
         os.environ["GATEWAY_CONFIG"] = config_path
     config = config_module.load()  # refuse a bad config before anything starts
+    for name in ("GATEWAY_REDIS_URL", "GATEWAY_CACHE_REDIS_URL"):
+        _check_url(name)
     embedded = None
     if not os.environ.get("GATEWAY_REDIS_URL"):
         embedded = EmbeddedServer(data_dir())
-        os.environ["GATEWAY_REDIS_URL"] = embedded.start()
+        try:
+            os.environ["GATEWAY_REDIS_URL"] = embedded.start()
+        except (OSError, RuntimeError) as exc:
+            raise ConfigError(f"GATEWAY_DATA_DIR: {exc}") from exc
+    log.info("gateway listening on http://%s:%d with %d worker(s)", host, port, workers)
     try:
         uvicorn.run(
             "gateway.app:create_app",

@@ -2,7 +2,8 @@
 
 `EventStream` is an ASGI response that watches for the client's disconnect while it
 waits on the upstream, so a client that leaves cancels the upstream call at once
-instead of at the next chunk, and it always calls `on_close` (settlement) exactly once.
+instead of at the next chunk (or its fallback to the next route), and it always calls
+`on_close` (settlement) exactly once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 import orjson
 from starlette.types import Receive, Scope, Send
+
+from gateway.errors import GatewayError
 
 DONE = b"data: [DONE]\n\n"
 
@@ -91,19 +94,22 @@ def replay(completion: dict[str, Any], include_usage: bool) -> list[dict[str, An
     return chunks
 
 
-class EventStream:
-    """Send `events` as text/event-stream; cancel them if the client goes away."""
+Opener = Callable[[], Awaitable[tuple[dict[str, str], AsyncIterator[bytes]]]]
 
-    def __init__(
-        self,
-        events: AsyncIterator[bytes],
-        headers: dict[str, str],
-        on_close: Callable[[], Awaitable[None]],
-    ) -> None:
-        self.events = events
-        self.headers = [(k.encode(), v.encode()) for k, v in headers.items()]
-        self.headers += [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+class EventStream:
+    """Open a stream with `start`, then send its events as text/event-stream.
+
+    The client's disconnect is watched from the first moment, while `start` still waits on
+    a provider too, and cancels whatever is running. If `start` raises a `GatewayError`
+    (every route failed, say), nothing was sent yet and the client gets that error as JSON.
+    `on_close` runs exactly once, after the events are closed.
+    """
+
+    def __init__(self, start: Opener, on_close: Callable[[], Awaitable[None]]) -> None:
+        self.start = start
         self.on_close = on_close
+        self.events: AsyncIterator[bytes] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.create_task(self._pump(send))
@@ -118,16 +124,31 @@ class EventStream:
                 await asyncio.shield(self._close())
 
     async def _pump(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        try:
+            headers, self.events = await self.start()
+        except GatewayError as exc:
+            await _send_error(send, exc)
+            return
+        raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+        raw += [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": raw})
         async for event in self.events:
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _close(self) -> None:
         try:
-            await self.events.aclose()  # type: ignore[attr-defined]
+            if self.events is not None:
+                await self.events.aclose()  # type: ignore[attr-defined]
         finally:
             await self.on_close()
+
+
+async def _send_error(send: Send, exc: GatewayError) -> None:
+    headers = [(k.encode(), v.encode()) for k, v in exc.headers().items()]
+    headers.append((b"content-type", b"application/json"))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": orjson.dumps(exc.body())})
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

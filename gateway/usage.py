@@ -19,6 +19,8 @@ from gateway.money import to_usd
 from gateway.store import Store
 
 MAX_LIMIT = 1000
+_LAST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+_MAX_SEQ = 2**63
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +60,20 @@ def _instant(params: dict[str, str], name: str) -> int | None:
     if not value:
         return None
     try:
+        ms = _ms(value)
+    except (ValueError, OverflowError) as exc:
+        raise BadRequest(f"{name}: expected Unix seconds or an ISO 8601 time") from exc
+    if not 0 <= ms <= _LAST_MS:
+        raise BadRequest(f"{name}: must be between 1970 and 9999")
+    return ms
+
+
+def _ms(value: str) -> int:
+    try:
         return int(float(value) * 1000)
     except ValueError:
         pass
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise BadRequest(f"{name}: expected Unix seconds or an ISO 8601 time") from exc
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
@@ -75,7 +84,10 @@ def _cursor(value: str | None) -> tuple[str, str] | None:
         return None
     stream_id, _, key_id = value.partition(":")
     ms, _, seq = stream_id.partition("-")
-    if not (ms.isdigit() and seq.isdigit() and key_id.isalnum()):
+    valid = ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()
+    if not (valid and key_id.isascii() and key_id.isalnum()):
+        raise BadRequest("cursor: not a cursor returned by this endpoint")
+    if int(ms) > _LAST_MS or int(seq) >= _MAX_SEQ:
         raise BadRequest("cursor: not a cursor returned by this endpoint")
     return stream_id, key_id
 

@@ -18,6 +18,7 @@ import httpx
 import redis
 import uvicorn
 
+from gateway.lifecycle import die_with_parent
 from gateway.store.embedded import server_binary
 
 
@@ -73,7 +74,9 @@ class RedisServer:
             "--save", "", "--appendonly", "no", "--dir", self.dir,
             "--maxmemory-policy", "noeviction", *self.extra_args,
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent
+        )
         wait_until(self.client().ping)
         return self
 
@@ -85,6 +88,7 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
         self.process = None
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def kill(self) -> None:
         if self.process and self.process.poll() is None:
@@ -219,6 +223,7 @@ class SentinelGroup:
                     [redis_binary(), str(conf), "--sentinel"],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
+                    preexec_fn=die_with_parent,
                 )
             )
         for port in self.sentinel_ports:

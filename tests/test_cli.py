@@ -105,3 +105,9 @@ def test_prompts_commands(run: CliRunner, tmp_path: Path) -> None:
     assert shown["active"] == 2
     bad = run.invoke(main, ["prompts", "render", "greeting", "--var", "novalue"])
     assert bad.exit_code == 2 and "NAME=VALUE" in bad.output
+
+
+def test_price_flags_need_a_model(run: CliRunner) -> None:
+    result = run.invoke(main, ["prices", "--input-per-1k", "1"])
+    assert result.exit_code == 2
+    assert "MODEL" in result.output

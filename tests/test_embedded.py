@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import GatewayProcess
+from tests.servers import GatewayProcess, wait_until
 
 pytestmark = [pytest.mark.e2e]
 
@@ -88,8 +90,63 @@ def _store_pids(data_root: Path) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
+    """Running, and not a zombie waiting to be reaped."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
         return False
-    return True
+    return state != "Z"
+
+
+def test_second_gateway_on_the_same_data_dir_is_refused(tmp_path: Path, clean_env: None) -> None:
+    first = serve(tmp_path)
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--port", "0"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert second.returncode == 1
+        assert "in use by the gateway with pid" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert httpx.get(first.url + "/readyz").status_code == 200
+        assert (tmp_path / "gateway-data" / "store.sock").exists()
+    finally:
+        first.stop()
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        pytest.param({"GATEWAY_REDIS_URL": "garbage"}, "GATEWAY_REDIS_URL", id="redis-url"),
+        pytest.param({"GATEWAY_CACHE_REDIS_URL": "ftp://x"}, "GATEWAY_CACHE_REDIS_URL",
+                     id="cache-url"),
+        pytest.param({"GATEWAY_DATA_DIR": "/proc/nope"}, "GATEWAY_DATA_DIR", id="data-dir"),
+    ],
+)  # fmt: skip
+def test_bad_environment_is_one_clear_line(
+    tmp_path: Path, clean_env: None, env: dict[str, str], named: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", "0"],
+        cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert f"Error: {named}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sigkilled_gateway_leaves_no_store_or_worker_behind(
+    tmp_path: Path, clean_env: None
+) -> None:
+    gateway = serve(tmp_path)
+    assert gateway.process is not None
+    children = _children(gateway.process.pid)
+    assert len(children) >= 3  # the store and two workers (and a resource tracker)
+    gateway.process.kill()
+    gateway.process.wait()
+    wait_until(lambda: not any(_alive(pid) for pid in children), timeout=10)
+
+
+def _children(pid: int) -> list[int]:
+    found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(child) for child in found]

@@ -168,3 +168,37 @@ def test_unknown_path_and_method_use_the_error_body(gateway_url: str) -> None:
     wrong_method = httpx.get(gateway_url + "/v1/chat/completions")
     assert missing.status_code == 404 and "error" in missing.json()
     assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+
+
+def test_nesting_past_the_limit_is_400_not_500(gateway_url: str, mint: Any) -> None:
+    key, _ = mint()
+    deep = b'{"model": "gpt", "messages": [{"role": "user", "content": "x"}], "metadata": '
+    deep += b'{"a": ' * 300 + b"1" + b"}" * 300 + b"}"
+    response = send(gateway_url, key, deep)
+    assert response.status_code == 400
+    assert "nested" in response.json()["error"]["message"]
+
+
+def test_slow_body_is_408(gateway_url: str, mint: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from gateway.api import http as http_module
+
+    monkeypatch.setattr(http_module, "BODY_SECONDS", 0.5)
+    key, _ = mint()
+    host, port = gateway_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+            + f"Authorization: Bearer {key}\r\n\r\n".encode()
+            + b'{"model": '
+        )
+        answer = sock.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408")
+    assert "request_timeout" in answer
+
+
+def test_trailing_slash_is_not_redirected(gateway_url: str) -> None:
+    response = httpx.get(gateway_url + "/v1/models/", headers={"host": "evil.example"})
+    assert response.status_code == 404
+    assert "location" not in response.headers

@@ -155,3 +155,10 @@ def test_gateway_key_is_not_an_admin_key(gateway_url: str, mint: Any) -> None:
         gateway_url + "/api/ai-gateway/keys", headers={"authorization": f"Bearer {key}"}
     )
     assert response.status_code == 401
+
+
+@pytest.mark.parametrize("cap", ["monthly_cap", "hard_cap"])
+def test_cap_below_one_nano_usd_is_refused(admin: httpx.Client, cap: str) -> None:
+    response = admin.post("/keys", json={"name": "tiny", cap: 5e-10})
+    assert response.status_code == 400
+    assert cap in response.json()["error"]["message"]

@@ -153,3 +153,30 @@ def test_stream_cut_midway_is_settled_without_fallback(
     settled, reserved, records = spend_state(redis_server, key_id)
     assert (reserved, records) == (0, 1)
     assert settled > 0
+
+
+@pytest.fixture
+def short_deadline_gateway(
+    redis_url: str, upstreams: dict[str, Upstream], admin_key: str
+) -> Iterator[str]:
+    raw = config_dict(upstreams, limits={"request_timeout_seconds": 1})
+    server = ThreadServer(create_app(config_module.parse(raw, "test"), redis_url)).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_deadline_is_504_and_releases(
+    short_deadline_gateway: str,
+    mint: Any,
+    upstreams: dict[str, Upstream],
+    redis_server: RedisServer,
+    stream: bool,
+) -> None:
+    """The deadline runs from admission, first chunk included, so no lease can run out first."""
+    key, key_id = mint()
+    upstreams["openai"].delay_seconds = 3
+    response = post(short_deadline_gateway, key, model="gpt", stream=stream)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "upstream_timeout"
+    assert spend_state(redis_server, key_id) == (0, 0, 0)

@@ -72,3 +72,25 @@ def test_replay_assembles_back_to_the_same_completion() -> None:
     for chunk in replay(completion, include_usage=True):
         assembler.add(chunk)
     assert assembler.completion() == completion
+
+
+def test_disconnect_before_first_chunk_cancels_and_releases(
+    gateway_url: str, mint: Any, upstreams: dict[str, Upstream], redis_server: RedisServer
+) -> None:
+    key, key_id = mint()
+    upstreams["openai"].delay_seconds = 4
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            gateway_url + "/v1/chat/completions",
+            json={
+                "model": "fallback",
+                "messages": [{"role": "user", "content": "gone"}],
+                "stream": True,
+            },
+            headers={"authorization": f"Bearer {key}"},
+            timeout=0.5,
+        )
+    # Released long before the upstream would have answered, and no fallback was tried.
+    wait_until(lambda: spend_state(redis_server, key_id)[1] == 0, timeout=2)
+    assert spend_state(redis_server, key_id) == (0, 0, 0)
+    assert upstreams["claude"].requests == []

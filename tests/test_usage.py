@@ -78,9 +78,19 @@ def test_key_reads_only_its_own_usage(gateway_url: str, mint: Any) -> None:
         pytest.param({"limit": "abc"}, id="limit-type"),
         pytest.param({"since": "yesterday"}, id="since"),
         pytest.param({"cursor": "garbage"}, id="cursor"),
+        pytest.param({"since": "inf"}, id="since-infinite"),
+        pytest.param({"since": "1e308"}, id="since-huge"),
+        pytest.param({"since": "-1"}, id="since-negative"),
+        pytest.param({"until": "0001-01-01"}, id="until-year-1"),
+        pytest.param({"until": "99999999999999999999"}, id="until-huge"),
+        pytest.param({"cursor": "99999999999999999999999-0:ab"}, id="cursor-huge-ms"),
+        pytest.param({"cursor": "1-99999999999999999999999:ab"}, id="cursor-huge-seq"),
+        pytest.param({"cursor": "\u00b2-0:abc"}, id="cursor-superscript"),
     ],
 )
 def test_usage_refuses_bad_parameters(admin: httpx.Client, params: dict[str, str]) -> None:
-    response = admin.get("/usage", params=params)
+    response = admin.get(
+        "/usage", params={k: v.encode().decode("unicode_escape") for k, v in params.items()}
+    )
     assert response.status_code == 400
     assert next(iter(params)) in response.json()["error"]["message"]

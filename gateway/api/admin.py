@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,11 +16,11 @@ from gateway.prices import Price
 from gateway.schema import check, decode
 
 _ADMIN_BODY_LIMIT = 64 * 1024
-USD = Annotated[Decimal, Field(ge=0, le=1_000_000, allow_inf_nan=False)]
+USD = Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False)]
 
 
 class PriceSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     input_per_1k: USD
     output_per_1k: USD
 

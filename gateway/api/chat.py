@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
@@ -10,12 +11,15 @@ from starlette.responses import Response
 from gateway import keys
 from gateway.admission import Ticket
 from gateway.api.http import JSON, bearer, read_body
-from gateway.cache import directives
-from gateway.completions import Plan, Result
+from gateway.cache import Entry, directives
+from gateway.completions import Relay, Result
 from gateway.gateway import Gateway
 from gateway.money import to_usd
+from gateway.plan import Plan
 from gateway.schema import NativeRequest, check, decode
 from gateway.streams import EventStream
+
+PARSE_BEFORE_AUTH_BYTES = 64 * 1024
 
 
 async def chat_completions(request: Request) -> Response:
@@ -23,19 +27,31 @@ async def chat_completions(request: Request) -> Response:
     raw_key, plan = await _plan(request, gateway)
     ticket, hit = await gateway.completions.admit(raw_key, plan)
     if plan.stream:
-        relay = await gateway.completions.open_stream(plan, ticket, hit)
-        _note(request, provider=relay.provider, cache="hit" if hit else "miss")
-        headers = _headers(ticket, relay.provider, hit is not None, 0 if hit else None)
-
-        async def settle() -> None:
-            await relay.finish()
-            _note(request, cost=to_usd(relay.cost))
-
-        return EventStream(relay.events(), headers, settle)  # type: ignore[return-value]
+        return _stream(request, gateway, plan, ticket, hit)  # type: ignore[return-value]
     result = await gateway.completions.complete(plan, ticket, hit)
     _note(request, provider=result.provider, cache="hit" if result.cached else "miss")
     _note(request, cost=to_usd(result.cost))
     return JSON(result.body, headers=_headers(ticket, result.provider, result.cached, result.cost))
+
+
+def _stream(
+    request: Request, gateway: Gateway, plan: Plan, ticket: Ticket, hit: Entry | None
+) -> EventStream:
+    relay: Relay | None = None
+
+    async def start() -> tuple[dict[str, str], AsyncIterator[bytes]]:
+        nonlocal relay
+        relay = await gateway.completions.open_stream(plan, ticket, hit)
+        _note(request, provider=relay.provider, cache="hit" if hit else "miss")
+        headers = _headers(ticket, relay.provider, hit is not None, 0 if hit else None)
+        return headers, relay.events()
+
+    async def settle() -> None:
+        if relay is not None:  # else opening failed or was cancelled, and released
+            await relay.finish()
+            _note(request, cost=to_usd(relay.cost))
+
+    return EventStream(start, settle)
 
 
 async def native_complete(request: Request) -> Response:
@@ -66,6 +82,10 @@ async def _plan(request: Request, gateway: Gateway, *, native: bool = False) -> 
     raw_key = bearer(request)
     key_id, _ = keys.identify(raw_key)
     _note(request, key=key_id)
+    declared = request.headers.get("content-length", "")
+    if not declared.isdigit() or int(declared) > PARSE_BEFORE_AUTH_BYTES:
+        # Parsing a large body costs more than a key lookup: an unknown key is refused first.
+        await keys.authenticate(gateway.store, raw_key)
     body = decode(await read_body(request, gateway.config.limits.max_body_bytes))
     if native:
         check(NativeRequest, body)

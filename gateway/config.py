@@ -53,6 +53,9 @@ class ModelConfig(_Strict):
 class LimitsConfig(_Strict):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     request_timeout_seconds: float = Field(300.0, gt=0)
+    # A reservation's lease is the request timeout plus this: the bound on how long a dead
+    # worker's reservation holds capacity.
+    lease_margin_seconds: float = Field(30.0, ge=0.5)
     usage_retention_days: int = Field(90, ge=1)
     max_template_bytes: int = Field(65_536, ge=1)
     max_variables_bytes: int = Field(65_536, ge=1)

@@ -15,9 +15,6 @@ from gateway.prompts import Prompts
 from gateway.routing import Router
 from gateway.store import Store
 
-# A reservation outlives the longest request the gateway lets run by this margin.
-LEASE_MARGIN_SECONDS = 30
-
 
 @dataclass
 class Gateway:
@@ -41,7 +38,8 @@ class Gateway:
         cache_store = Store(cache_url) if cache_url else store
         prices = PriceBook(config, store)
         router = Router(config)
-        lease_ms = int((config.limits.request_timeout_seconds + LEASE_MARGIN_SECONDS) * 1000)
+        limits = config.limits
+        lease_ms = int((limits.request_timeout_seconds + limits.lease_margin_seconds) * 1000)
         retention_ms = config.limits.usage_retention_days * 86_400_000
         gate = Gate(store, lease_ms=lease_ms, retention_ms=retention_ms)
         cache = Cache(config.cache, cache_store)

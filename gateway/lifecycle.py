@@ -8,6 +8,12 @@ import os
 import signal
 
 _PR_SET_PDEATHSIG = 1
+try:
+    # Loaded once here: `die_with_parent` also runs between fork and exec (preexec_fn),
+    # where loading a library could deadlock on a lock another thread held at the fork.
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    _LIBC = None  # not Linux
 
 
 def die_with_parent(parent: int | None = None) -> None:
@@ -17,11 +23,9 @@ def die_with_parent(parent: int | None = None) -> None:
     holding the data directory and the port. If `parent` (its pid) is already gone by the
     time this runs, no signal would ever come, so this process ends itself now.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        return  # not Linux
+    if _LIBC is None:
+        return
+    _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
     if parent is not None and os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,10 +144,25 @@ class GatewayProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> GatewayProcess:
+        return self.launch().wait_ready()
+
+    def launch(self) -> GatewayProcess:
+        # A file, not a pipe: a busy gateway logs more than a pipe holds unread.
+        self.log = tempfile.NamedTemporaryFile(prefix="gw-log-", suffix=".txt")  # noqa: SIM115
         self.process = subprocess.Popen(
-            self.args, env=self.env, cwd=self.cwd, stderr=subprocess.PIPE
-        )
-        wait_until(lambda: httpx.get(self.url + "/readyz").status_code == 200, timeout=30)
+            self.args, env=self.env, cwd=self.cwd, stderr=self.log,
+            preexec_fn=die_with_parent, start_new_session=True,
+        )  # fmt: skip
+        return self
+
+    def kill_all(self) -> None:
+        """SIGKILL the supervisor and every worker at once, as a crashed host would."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def wait_ready(self) -> GatewayProcess:
+        wait_until(lambda: httpx.get(self.url + "/readyz").status_code == 200, timeout=60)
         return self
 
     def stop(self) -> str:
@@ -153,11 +170,14 @@ class GatewayProcess:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
         try:
-            _, err = self.process.communicate(timeout=30)
+            self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            _, err = self.process.communicate()
-        return err.decode(errors="replace")
+            self.process.wait()
+        self.log.seek(0)
+        text = self.log.read().decode(errors="replace")
+        self.log.close()
+        return text
 
 
 class RedisClusterServers:
@@ -241,3 +261,79 @@ class SentinelGroup:
             process.wait()
         self.master.stop()
         self.replica.stop()
+
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def local_nginx_config(directory: Path, upstreams: Sequence[str], listen: str) -> list[str]:
+    """Lay out deploy/nginx.conf in `directory` for local replicas; return nginx's argv.
+
+    `upstreams` are "127.0.0.1:PORT" strings, `listen` is e.g. "127.0.0.1:18080". The
+    written nginx.conf is deploy/nginx.conf with only its `listen 8080;` changed; the
+    written nginx-upstreams.conf is deploy/nginx-upstreams.conf with its `server` lines
+    replaced by `upstreams` (same parameters: max_fails, keepalive... unchanged), plus
+    temp paths inside `directory` (the packaged defaults may not be writable). The pid file
+    and the early error log go to `directory` and stderr through the command line; the
+    access log goes to nginx's stdout. The argv runs nginx in the foreground: add "-t" to
+    check the configuration only; stop it with SIGQUIT (graceful) or SIGTERM.
+    """
+    if not upstreams:
+        raise ValueError("no upstream servers")
+    directory.mkdir(parents=True, exist_ok=True)
+
+    conf = (DEPLOY / "nginx.conf").read_text()
+    listen_line = re.compile(r"^(\s*)listen\s+8080\s*;", re.MULTILINE)
+    if len(listen_line.findall(conf)) != 1:
+        raise AssertionError("deploy/nginx.conf must have exactly one `listen 8080;`")
+    conf = listen_line.sub(lambda m: f"{m.group(1)}listen {listen};", conf)
+    (directory / "nginx.conf").write_text(conf)
+
+    upstream_text = (DEPLOY / "nginx-upstreams.conf").read_text()
+    server_line = re.compile(r"^(\s*)server\s+(\S+)([^;\n]*);[^\n]*\n", re.MULTILINE)
+    found = list(server_line.finditer(upstream_text))
+    if not found:
+        raise AssertionError("deploy/nginx-upstreams.conf has no `server` line")
+    indent, params = found[0].group(1), found[0].group(3)
+    local_lines = "".join(f"{indent}server {address}{params};\n" for address in upstreams)
+    first, last = found[0].start(), found[-1].end()
+    between = server_line.sub("", upstream_text[first:last])
+    upstream_text = upstream_text[:first] + local_lines + between + upstream_text[last:]
+    temp = directory / "temp"
+    temp.mkdir(exist_ok=True)
+    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        upstream_text += f"{kind}_temp_path {temp / kind};\n"
+    (directory / "nginx-upstreams.conf").write_text(upstream_text)
+
+    globals_ = f'daemon off; pid "{directory / "nginx.pid"}";'
+    # Run by root, nginx's workers would drop to "nobody", which cannot reach a private
+    # temporary directory; keep them as the invoking user instead.
+    if os.geteuid() == 0:
+        globals_ += " user root;"
+    nginx = shutil.which("nginx") or "nginx"
+    conf_path = str(directory / "nginx.conf")
+    return [nginx, "-p", str(directory), "-c", conf_path, "-e", "stderr", "-g", globals_]
+
+
+class Nginx:
+    """deploy/nginx.conf in front of local replicas, on a free port."""
+
+    def __init__(self, directory: Path, upstreams: Sequence[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.argv = local_nginx_config(directory, upstreams, f"127.0.0.1:{self.port}")
+        self.log = directory / "nginx.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Nginx:
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.argv, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=die_with_parent
+            )
+        wait_until(lambda: httpx.get(self.url + "/healthz").status_code == 200)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)

@@ -22,7 +22,6 @@ Nothing here reaches the network.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -32,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -47,9 +46,15 @@ from dockerfile_parse import DockerfileParser
 from kubernetes_validate.utils import latest_version
 
 from gateway.config import Config, parse
+from tests.servers import local_nginx_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
+
+needs_nginx = pytest.mark.skipif(
+    shutil.which("nginx") is None,
+    reason="the nginx binary is not installed (Debian: apt-get install -y nginx)",
+)
 K8S = DEPLOY / "k8s"
 COMPOSE = ROOT / "docker-compose.yml"
 GATEWAY_SERVICES = ("gateway-1", "gateway-2", "gateway-3")
@@ -179,61 +184,6 @@ def final_stage(parser: DockerfileParser) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------- nginx, local
-
-
-def local_nginx_config(directory: Path, upstreams: Sequence[str], listen: str) -> list[str]:
-    """Lay out deploy/nginx.conf in `directory` for local replicas; return nginx's argv.
-
-    `upstreams` are "127.0.0.1:PORT" strings, `listen` is e.g. "127.0.0.1:18080". The
-    written nginx.conf is deploy/nginx.conf with only its `listen 8080;` changed; the
-    written nginx-upstreams.conf is deploy/nginx-upstreams.conf with its `server` lines
-    replaced by `upstreams` (same parameters: max_fails, keepalive... unchanged), plus
-    temp paths inside `directory` (the packaged defaults may not be writable). The pid file
-    and the early error log go to `directory` and stderr through the command line; the
-    access log goes to nginx's stdout. The argv runs nginx in the foreground: add "-t" to
-    check the configuration only; stop it with SIGQUIT (graceful) or SIGTERM.
-    """
-    if not upstreams:
-        raise ValueError("no upstream servers")
-    directory.mkdir(parents=True, exist_ok=True)
-
-    conf = (DEPLOY / "nginx.conf").read_text()
-    listen_line = re.compile(r"^(\s*)listen\s+8080\s*;", re.MULTILINE)
-    if len(listen_line.findall(conf)) != 1:
-        raise AssertionError("deploy/nginx.conf must have exactly one `listen 8080;`")
-    conf = listen_line.sub(lambda m: f"{m.group(1)}listen {listen};", conf)
-    (directory / "nginx.conf").write_text(conf)
-
-    upstream_text = (DEPLOY / "nginx-upstreams.conf").read_text()
-    server_line = re.compile(r"^(\s*)server\s+(\S+)([^;\n]*);[^\n]*\n", re.MULTILINE)
-    found = list(server_line.finditer(upstream_text))
-    if not found:
-        raise AssertionError("deploy/nginx-upstreams.conf has no `server` line")
-    indent, params = found[0].group(1), found[0].group(3)
-    local_lines = "".join(f"{indent}server {address}{params};\n" for address in upstreams)
-    first, last = found[0].start(), found[-1].end()
-    between = server_line.sub("", upstream_text[first:last])
-    upstream_text = upstream_text[:first] + local_lines + between + upstream_text[last:]
-    temp = directory / "temp"
-    temp.mkdir(exist_ok=True)
-    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        upstream_text += f"{kind}_temp_path {temp / kind};\n"
-    (directory / "nginx-upstreams.conf").write_text(upstream_text)
-
-    globals_ = f'daemon off; pid "{directory / "nginx.pid"}";'
-    # Run by root, nginx's workers would drop to "nobody", which cannot reach a private
-    # temporary directory; keep them as the invoking user instead.
-    if os.geteuid() == 0:
-        globals_ += " user root;"
-    nginx = shutil.which("nginx") or "nginx"
-    conf_path = str(directory / "nginx.conf")
-    return [nginx, "-p", str(directory), "-c", conf_path, "-e", "stderr", "-g", globals_]
-
-
-needs_nginx = pytest.mark.skipif(
-    shutil.which("nginx") is None,
-    reason="the nginx binary is not installed (Debian: apt-get install -y nginx)",
-)
 
 
 class _Upstream(BaseHTTPRequestHandler):

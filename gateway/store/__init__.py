@@ -7,6 +7,7 @@ redis-py exception.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ from redis import exceptions as rexc
 from redis.commands.core import AsyncScript
 
 from gateway.errors import StoreUnavailable
-from gateway.store.topology import connect
+from gateway.store.topology import POOL_SIZE, connect
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,11 @@ _UNAVAILABLE = (
     rexc.ReadOnlyError,
     OSError,
 )
+# What redis-py lets escape when a connection is torn down under it mid-handshake (the
+# transport raises RuntimeError, a dropped writer AttributeError). Only client calls run
+# inside Store.call, so these mean a lost connection, not a bug of ours.
+_TORN_DOWN = (RuntimeError, AttributeError)
+SLOT_WAIT_SECONDS = 5.0
 SCRIPTS = ("admit_request", "settle_request", "add_prompt_version")
 
 
@@ -49,6 +55,9 @@ def load_script(name: str) -> str:
 class Store:
     def __init__(self, url: str, *, wait_replicas: int = 0, wait_timeout_ms: int = 100) -> None:
         self.url = url
+        # Each client's pool holds POOL_SIZE connections; never run more operations than
+        # that at once, so a burst queues here instead of exhausting the pool.
+        self._slots = asyncio.Semaphore(POOL_SIZE)
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         # Typed as a plain client: RedisCluster offers the same commands.
@@ -83,10 +92,18 @@ class Store:
         raise rexc.NoScriptError("script could not be loaded")
 
     async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation, waiting for a free connection slot first."""
+        try:
+            async with asyncio.timeout(SLOT_WAIT_SECONDS):
+                await self._slots.acquire()
+        except TimeoutError as exc:
+            raise StoreUnavailable("the store is saturated: no free connection in time") from exc
         try:
             return await operation()
-        except _UNAVAILABLE as exc:
+        except (*_UNAVAILABLE, *_TORN_DOWN) as exc:
             raise StoreUnavailable(f"the store is unavailable: {exc.__class__.__name__}") from exc
+        finally:
+            self._slots.release()
 
     async def ready(self) -> bool:
         """The store answers and every script is loaded on it."""

@@ -5,9 +5,8 @@
     redis+sentinel://[:password@]host:26379[,host2:26379]/mymaster[/db]
                                                                the master Sentinel names
 
-Single servers and Sentinel masters use a blocking pool: under a burst, a request waits
-up to `POOL_WAIT_SECONDS` for a free connection instead of failing. (A cluster client
-keeps a pool per node, sized for the burst, since redis-py has no blocking variant.)
+Pools are sized to `POOL_SIZE`; `Store` lets no more operations than that run at once,
+so a burst waits for a free connection instead of opening thousands (or failing).
 
 Every Redis key one script touches carries the same {hash tag}, so each script runs on
 one cluster shard; redis-py routes it by its keys and reloads a script on the node that
@@ -21,14 +20,15 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import Sentinel
 
-POOL_SIZE = 256
-POOL_WAIT_SECONDS = 5.0
-CLUSTER_POOL_SIZE_PER_NODE = 2048
+POOL_SIZE = 64  # operations in flight per client per worker process
+_HEADROOM = 8  # connections outside Store's gate: the price book's subscription
 OPTIONS: dict[str, Any] = {
     "socket_timeout": 5.0,
-    "socket_connect_timeout": 2.0,
+    # Generous: under a burst the event loop itself can lag by seconds, and a connect that
+    # "times out" after the server accepted it leaves a half-closed connection behind.
+    "socket_connect_timeout": 10.0,
     "health_check_interval": 30,
 }
 
@@ -40,14 +40,9 @@ def connect(url: str, *, decode: bool = True) -> Any:
         return _cluster(url, decode)
     if scheme == "redis+sentinel":
         return _sentinel(url, decode)
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        decode_responses=decode,
-        max_connections=POOL_SIZE,
-        timeout=POOL_WAIT_SECONDS,
-        **OPTIONS,
+    return aioredis.Redis.from_url(
+        url, decode_responses=decode, max_connections=POOL_SIZE + _HEADROOM, **OPTIONS
     )
-    return aioredis.Redis.from_pool(pool)
 
 
 def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
@@ -67,7 +62,7 @@ def _cluster(url: str, decode: bool) -> RedisCluster:
         decode_responses=decode,
         ssl=parts.scheme.startswith("rediss"),
         password=unquote(parts.password) if parts.password else None,
-        max_connections=CLUSTER_POOL_SIZE_PER_NODE,
+        max_connections=POOL_SIZE + _HEADROOM,
         **{**OPTIONS, **options},
     )
 
@@ -88,12 +83,5 @@ def _sentinel(url: str, decode: bool) -> aioredis.Redis:
         **OPTIONS,
     )
     return sentinel.master_for(  # type: ignore[no-any-return]
-        service,
-        connection_pool_class=BlockingSentinelPool,
-        max_connections=POOL_SIZE,
-        timeout=POOL_WAIT_SECONDS,
+        service, max_connections=POOL_SIZE + _HEADROOM
     )
-
-
-class BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
-    """The Sentinel-managed pool, waiting for a free connection like BlockingConnectionPool."""

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import config as config_module
-from gateway.api import admin, chat, prompts
+from gateway.api import admin, chat, openapi, prompts
 from gateway.api.http import JSON, error_response
 from gateway.api.log import RequestLog
 from gateway.config import Config
@@ -79,6 +79,7 @@ ROUTES = [
     Route(f"{API}/prompts/{{name}}/render", prompts.render, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+    Route("/openapi.json", openapi.schema, methods=["GET"]),
 ]
 
 

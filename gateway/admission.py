@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import metrics
 from gateway.errors import (
     ModelNotAllowed,
     RateLimited,
@@ -60,11 +61,13 @@ class Gate:
             "admit_request", keys, args
         )
         if status == ADMITTED:
+            metrics.OPEN_RESERVATIONS.inc()
             return Ticket(key_id, reservation_id, amount, limit, remaining, reset_ms)
         raise _refusal(status, model, limit, reset_ms, detail)
 
     async def settle(self, ticket: Ticket, cost: int, record: dict[str, Any] | None) -> None:
         """Settle now; if the store is away, keep retrying in the background."""
+        metrics.OPEN_RESERVATIONS.dec()
         try:
             await self._settle(ticket, cost, record)
         except StoreUnavailable:
@@ -83,12 +86,14 @@ class Gate:
 
     async def _settle(self, ticket: Ticket, cost: int, record: dict[str, Any] | None) -> None:
         slots = Slots.of(ticket.key_id)
+        extra = dict(record or {})
+        counted = [extra.pop(name, 0) for name in ("model", "input_tokens", "output_tokens")]
         fields: list[Any] = []
-        for name, value in (record or {}).items():
+        for name, value in extra.items():
             fields += [name, value]
         args = [ticket.reservation_id, cost, 1 if record is not None else 0]
-        args += [self.retention_ms, SETTLED_MARK_MS, *fields]
-        keys = [slots.spend, slots.resv, slots.lease, slots.usage]
+        args += [self.retention_ms, SETTLED_MARK_MS, *counted, *fields]
+        keys = [slots.spend, slots.resv, slots.lease, slots.usage, slots.totals]
         await self.store.run("settle_request", keys, args)
 
     async def _settle_later(self, ticket: Ticket, cost: int, record: dict[str, Any] | None) -> None:

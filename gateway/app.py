@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import config as config_module
+from gateway import metrics
 from gateway.api import admin, chat, openapi, prompts
 from gateway.api.http import JSON, error_response
 from gateway.api.log import RequestLog
@@ -22,6 +23,7 @@ from gateway.config import Config
 from gateway.errors import GatewayError, StoreUnavailable
 from gateway.gateway import Gateway
 from gateway.lifecycle import die_with_parent, worker_parent
+from gateway.metrics import Recorder
 from gateway.server import configure_logging
 
 log = logging.getLogger(__name__)
@@ -72,11 +74,13 @@ ROUTES = [
     Route(f"{API}/prices/{{model:path}}", admin.show_price, methods=["GET"]),
     Route(f"{API}/prices/{{model:path}}", admin.put_price, methods=["PUT"]),
     Route(f"{API}/usage", admin.list_usage, methods=["GET"]),
+    Route(f"{API}/usage/totals", admin.usage_totals, methods=["GET"]),
     Route(f"{API}/prompts", prompts.list_prompts, methods=["GET"]),
     Route(f"{API}/prompts/{{name}}", prompts.push_version, methods=["POST"]),
     Route(f"{API}/prompts/{{name}}", prompts.show_prompt, methods=["GET"]),
     Route(f"{API}/prompts/{{name}}/activate", prompts.activate, methods=["POST"]),
     Route(f"{API}/prompts/{{name}}/render", prompts.render, methods=["POST"]),
+    Route("/metrics", metrics.scrape, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/openapi.json", openapi.schema, methods=["GET"]),
@@ -107,7 +111,7 @@ def create_app(
 
     app = Starlette(
         routes=ROUTES,
-        middleware=[Middleware(RequestLog)],
+        middleware=[Middleware(RequestLog, recorder=Recorder(config.metrics.per_key_labels))],
         exception_handlers={
             GatewayError: on_gateway_error,
             HTTPException: on_http_error,

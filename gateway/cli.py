@@ -6,6 +6,7 @@ admin key in $GATEWAY_ADMIN_KEY or, failing that, in $GATEWAY_DATA_DIR/admin-key
 
 from __future__ import annotations
 
+import csv
 import os
 from typing import Any
 
@@ -114,10 +115,18 @@ def keys_list() -> None:
     """Every key, without secrets."""
     for record in _call("GET", "/keys")["keys"]:
         state = "revoked" if record["revoked"] else "active"
+        month = _against(record["spend_month"], record["monthly_cap"])
+        lifetime = _against(record["spend"], record["hard_cap"])
         click.echo(
-            f"{record['id']}  {state:7}  spend ${record['spend']:.6f}  "
-            f"month ${record['spend_month']:.6f}  {record['name']}"
+            f"{record['id']}  {state:7}  month {month}  lifetime {lifetime}  {record['name']}"
         )
+
+
+def _against(spend: float, cap: float) -> str:
+    """`$spend` or `$spend/$cap (NN%)`."""
+    if not cap:
+        return f"${spend:.6f}"
+    return f"${spend:.6f}/${cap:.2f} ({spend / cap:.0%})"
 
 
 @keys.command("show")
@@ -134,18 +143,69 @@ def keys_revoke(key_id: str) -> None:
     _show(_call("DELETE", f"/keys/{key_id}"))
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--key", "key_id", help="Only this key id.")
 @click.option("--since", help="Unix seconds or ISO 8601.")
 @click.option("--until", help="Unix seconds or ISO 8601.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
 @click.option("--cursor", help="The `next` of the previous page.")
+@click.pass_context
 def usage(
-    key_id: str | None, since: str | None, until: str | None, limit: int, cursor: str | None
+    context: click.Context,
+    key_id: str | None,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    cursor: str | None,
 ) -> None:
-    """Usage records, newest first; page on with --cursor."""
-    params = {"key": key_id, "since": since, "until": until, "limit": limit, "cursor": cursor}
-    _show(_call("GET", "/usage", params={k: v for k, v in params.items() if v}))
+    """Usage records, newest first; page on with --cursor. See also: export, totals."""
+    if context.invoked_subcommand is None:
+        params = {"key": key_id, "since": since, "until": until, "limit": limit, "cursor": cursor}
+        _show(_call("GET", "/usage", params={k: v for k, v in params.items() if v}))
+
+
+EXPORT_FIELDS = (
+    "id", "at", "request_id", "key_id", "model", "provider", "input_tokens",
+    "output_tokens", "cost", "cost_nano", "cached", "prompt", "prompt_version",
+)  # fmt: skip
+
+
+@usage.command("export")
+@click.option("--key", "key_id", help="Only this key id.")
+@click.option("--since", help="Unix seconds or ISO 8601.")
+@click.option("--until", help="Unix seconds or ISO 8601.")
+@click.option("--format", "kind", type=click.Choice(["jsonl", "csv"]), default="jsonl")
+@click.option("--output", type=click.File("w", encoding="utf-8"), default="-")
+def usage_export(
+    key_id: str | None, since: str | None, until: str | None, kind: str, output: Any
+) -> None:
+    """Every record of the period, streamed page by page (memory stays flat)."""
+    writer = csv.DictWriter(output, EXPORT_FIELDS, extrasaction="ignore") if kind == "csv" else None
+    if writer:
+        writer.writeheader()
+    params: dict[str, Any] = {"key": key_id, "since": since, "until": until, "limit": 1000}
+    params = {k: v for k, v in params.items() if v}
+    while True:
+        page = _call("GET", "/usage", params=params)
+        for record in page["records"]:
+            if writer:
+                writer.writerow(record)
+            else:
+                output.write(orjson.dumps(record).decode() + "\n")
+        if not page["next"]:
+            return
+        params["cursor"] = page["next"]
+
+
+@usage.command("totals")
+@click.option("--key", "key_id", help="Only this key id.")
+@click.option("--period", type=click.Choice(["day", "month"]), default="month")
+@click.option("--since", help="First day or month, e.g. 2026-12 or 2026-12-01.")
+@click.option("--until", help="Last day or month, inclusive.")
+def usage_totals(key_id: str | None, period: str, since: str | None, until: str | None) -> None:
+    """Requests, tokens and cost per key and model, per day or month."""
+    params = {"key": key_id, "period": period, "since": since, "until": until}
+    _show(_call("GET", "/usage/totals", params={k: v for k, v in params.items() if v}))
 
 
 @main.command()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class Result:
     output_tokens: int
     cost: int
     cached: bool
+    upstream_seconds: float = 0.0
 
 
 class Completions:
@@ -114,8 +116,10 @@ class Completions:
             await self.gate.settle(ticket, 0, self._record(plan, ticket, hit.provider, 0, 0, True))
             body = {**hit.body, "model": plan.model}
             return Result(body, hit.provider, hit.input_tokens, hit.output_tokens, 0, True)
+        started = time.perf_counter()
         async with self._serving(plan, ticket):
             served = await self.router.complete(plan.model, plan.body)
+        waited = time.perf_counter() - started
         done = served.completion
         charge = plan.charge(done.input_tokens, done.output_tokens)
         record = self._record(
@@ -126,13 +130,16 @@ class Completions:
         if plan.cache_key and plan.cache_write:
             entry = Entry(body, served.provider, done.input_tokens, done.output_tokens)
             await self.cache.put(plan.cache_key, entry)
-        return Result(body, served.provider, done.input_tokens, done.output_tokens, charge, False)
+        tokens = done.input_tokens, done.output_tokens
+        return Result(body, served.provider, *tokens, charge, False, waited)
 
     async def open_stream(self, plan: Plan, ticket: Ticket, hit: Entry | None) -> Relay:
         if hit is not None:
             return Relay(self, plan, ticket, hit=hit)
+        started = time.perf_counter()
         async with self._serving(plan, ticket):
             stream = await self.router.stream(plan.model, plan.body)
+        stream.opened = started
         return Relay(self, plan, ticket, stream=stream)
 
     @asynccontextmanager
@@ -186,6 +193,8 @@ class Relay:
         self.assembler = Assembler()
         self.complete = False
         self.cost = 0
+        self.tokens = (0, 0)
+        self.upstream_seconds = 0.0
         self._finished = False
 
     async def events(self) -> AsyncIterator[bytes]:
@@ -232,7 +241,10 @@ class Relay:
             record = self.owner._record(self.plan, self.ticket, self.provider, 0, 0, True)
             await self.owner.gate.settle(self.ticket, 0, record)
             return
+        assert self.stream is not None
         input_tokens, output_tokens = self._used()
+        self.tokens = input_tokens, output_tokens
+        self.upstream_seconds = time.perf_counter() - self.stream.opened
         self.cost = self.plan.charge(input_tokens, output_tokens)
         record = self.owner._record(
             self.plan, self.ticket, self.provider, input_tokens, output_tokens, False

@@ -68,8 +68,14 @@ class StoreConfig(_Strict):
     wait_timeout_ms: int = Field(100, ge=1, le=60_000)
 
 
+class MetricsConfig(_Strict):
+    # A key-id label on spend; turn off for fleets with more keys than a TSDB should hold.
+    per_key_labels: bool = True
+
+
 class Config(_Strict):
     store: StoreConfig = StoreConfig()
+    metrics: MetricsConfig = MetricsConfig()
     cache: CacheConfig = CacheConfig()
     limits: LimitsConfig = LimitsConfig()
     providers: dict[str, ProviderConfig]

@@ -36,13 +36,14 @@ class Slots:
     resv: str
     lease: str
     usage: str
+    totals: str
 
     @classmethod
     def of(cls, key_id: str) -> Slots:
         tag = f"gw:{{{key_id}}}"
         return cls(
             f"{tag}:key", f"{tag}:window", f"{tag}:spend",
-            f"{tag}:resv", f"{tag}:lease", f"{tag}:usage",
+            f"{tag}:resv", f"{tag}:lease", f"{tag}:usage", f"{tag}:totals",
         )  # fmt: skip
 
 

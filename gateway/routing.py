@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import metrics
 from gateway.config import Config
 from gateway.errors import AllRoutesFailed, ProviderFailure
 from gateway.providers.anthropic import AnthropicProvider
@@ -35,6 +36,7 @@ class Stream:
     chunks: AsyncIterator[Chunk]
     usage: StreamUsage
     failures: list[str] = field(default_factory=list)
+    opened: float = 0.0  # perf_counter() when the gateway began asking for it
 
 
 def build_provider(name: str, config: Config) -> Provider:
@@ -61,6 +63,7 @@ class Router:
                 return Served(provider.name, await provider.complete(body, upstream_model))
             except ProviderFailure as exc:
                 log.warning("route %s failed for %s: %s", provider.name, model, exc.reason)
+                metrics.provider_failure(model, provider.name, exc.reason)
                 failures.append(str(exc))
         raise AllRoutesFailed("every route failed: " + "; ".join(failures))
 
@@ -75,6 +78,7 @@ class Router:
                 await chunks.aclose()  # type: ignore[attr-defined]
                 reason = exc.reason if isinstance(exc, ProviderFailure) else "empty stream"
                 log.warning("route %s failed for %s: %s", provider.name, model, reason)
+                metrics.provider_failure(model, provider.name, reason)
                 failures.append(f"{provider.name}: {reason}")
                 continue
             except BaseException:

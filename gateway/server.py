@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 
+import orjson
 import uvicorn
 
 from gateway import config as config_module
@@ -14,6 +17,16 @@ from gateway.store import topology
 from gateway.store.embedded import EmbeddedServer
 
 log = logging.getLogger(__name__)
+
+
+def _fresh_metrics_dir() -> None:
+    """Where workers write Prometheus samples; emptied so a restart starts from zero."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder, exist_ok=True)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
 
 
 def _check_url(name: str) -> None:
@@ -29,11 +42,34 @@ def _check_url(name: str) -> None:
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line; a request line carries its fields at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+        }
+        request = getattr(record, "request", None)
+        if isinstance(request, dict):
+            entry.update(request)
+        else:
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
 def configure_logging() -> None:
+    """One handler on the `gateway` logger; GATEWAY_LOG_FORMAT=json for JSON lines."""
     root = logging.getLogger("gateway")
     if not root.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        if os.environ.get("GATEWAY_LOG_FORMAT", "").lower() == "json":
+            handler.setFormatter(JSONFormatter())
+        else:
+            handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
         root.setLevel(os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper())
         root.propagate = False
@@ -54,6 +90,7 @@ def serve(host: str, port: int, workers: int, config_path: str | None) -> None:
             os.environ["GATEWAY_REDIS_URL"] = embedded.start()
         except (OSError, RuntimeError) as exc:
             raise ConfigError(f"GATEWAY_DATA_DIR: {exc}") from exc
+    _fresh_metrics_dir()
     log.info("gateway listening on http://%s:%d with %d worker(s)", host, port, workers)
     try:
         uvicorn.run(

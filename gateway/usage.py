@@ -158,3 +158,44 @@ def _shape(stream_id: str, key_id: str, fields: dict[str, str]) -> dict[str, Any
         **_prompt(fields),
         "at": datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z"),
     }
+
+
+PERIODS = {"day": "d", "month": "m"}
+
+
+async def totals(
+    store: Store, key_ids: list[str] | None, period: str, since: str, until: str
+) -> list[dict[str, Any]]:
+    """Per key and model, per day or month: requests, tokens and cost (kept for good)."""
+    if period not in PERIODS:
+        raise BadRequest("period: 'day' or 'month'")
+    ids = key_ids or await keys.key_ids(store)
+
+    async def read() -> list[dict[str, str]]:
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for key_id in ids:
+                pipe.hgetall(Slots.of(key_id).totals)
+            return list(await pipe.execute())
+
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for key_id, fields in zip(ids, await store.call(read), strict=True):
+        for field, value in fields.items():
+            kind, when, rest = field.split("|", 2)
+            model, _, measure = rest.rpartition("|")
+            if kind != PERIODS[period] or not since <= when <= until:
+                continue
+            row = rows.setdefault((when, key_id, model), _row(key_id, model, period, when))
+            row[_MEASURES[measure]] = int(value)
+    ordered = [rows[k] for k in sorted(rows)]
+    for row in ordered:
+        row["cost"] = to_usd(row["cost_nano"])
+    return ordered
+
+
+_MEASURES = {"requests": "requests", "input": "input_tokens", "output": "output_tokens",
+             "cost": "cost_nano"}  # fmt: skip
+
+
+def _row(key_id: str, model: str, period: str, when: str) -> dict[str, Any]:
+    return {"key_id": key_id, "model": model, period: when, "requests": 0,
+            "input_tokens": 0, "output_tokens": 0, "cost_nano": 0}  # fmt: skip

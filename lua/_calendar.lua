@@ -1,8 +1,9 @@
 -- Shared prelude, prepended to every script at load time (Redis Lua has no require).
 --
--- month_of(seconds) -> 'YYYY-MM' for a Unix time in seconds, UTC, proleptic Gregorian.
--- Redis scripts have no os.date, so the civil date is computed from the day count.
-local function month_of(seconds)
+-- day_of(seconds) -> 'YYYY-MM-DD' and month_of(seconds) -> 'YYYY-MM' for a Unix time in
+-- seconds, UTC, proleptic Gregorian. Redis scripts have no os.date, so the civil date is
+-- computed from the day count.
+local function day_of(seconds)
   local z = math.floor(seconds / 86400) + 719468
   local era = math.floor(z / 146097)
   local doe = z - era * 146097
@@ -13,7 +14,12 @@ local function month_of(seconds)
   local month = mp < 10 and mp + 3 or mp - 9
   local year = yoe + era * 400
   if month <= 2 then year = year + 1 end
-  return string.format('%04d-%02d', year, month)
+  local day = doy - math.floor((153 * mp + 2) / 5) + 1
+  return string.format('%04d-%02d-%02d', year, month, day)
+end
+
+local function month_of(seconds)
+  return string.sub(day_of(seconds), 1, 7)
 end
 
 -- now() -> seconds, microseconds since the epoch, from the server clock.

@@ -6,12 +6,15 @@
 -- KEYS[2]  {id}:resv    hash    request id -> reserved amount (nano-USD) or 's' once settled
 -- KEYS[3]  {id}:lease   zset    request id -> lease expiry (µs)
 -- KEYS[4]  {id}:usage   stream  usage records, ids are Redis time
+-- KEYS[5]  {id}:totals  hash    per model and day/month: requests, input, output, cost
+--                               fields 'd|YYYY-MM-DD|model|cost', 'm|YYYY-MM|model|cost'...
 -- ARGV[1]  request id
 -- ARGV[2]  actual cost, nano-USD (integer; 0 for a cache hit)
 -- ARGV[3]  1 to write a usage record, 0 to only release (no provider served it)
 -- ARGV[4]  retention of usage records, ms
 -- ARGV[5]  how long the settled mark is kept against retries, ms
--- ARGV[6..] usage record fields, name/value pairs
+-- ARGV[6]  model name, ARGV[7] input tokens, ARGV[8] output tokens
+-- ARGV[9..] more usage record fields, name/value pairs
 --
 -- Returns {settled, stream id}: settled 1 the first time, 0 for a repeat.
 
@@ -28,12 +31,21 @@ redis.call('HSET', KEYS[2], request_id, 's')
 redis.call('ZADD', KEYS[3], now_us + mark_ms * 1000, request_id)
 
 if not record then return {1, ''} end
+local model, input, output = ARGV[6], ARGV[7], ARGV[8]
+local day = day_of(seconds)
 if cost > 0 then
   redis.call('HINCRBY', KEYS[1], 'total', cost)
-  redis.call('HINCRBY', KEYS[1], 'm:' .. month_of(seconds), cost)
+  redis.call('HINCRBY', KEYS[1], 'm:' .. string.sub(day, 1, 7), cost)
+end
+for _, period in ipairs({'d|' .. day, 'm|' .. string.sub(day, 1, 7)}) do
+  local prefix = period .. '|' .. model .. '|'
+  redis.call('HINCRBY', KEYS[5], prefix .. 'requests', 1)
+  redis.call('HINCRBY', KEYS[5], prefix .. 'input', input)
+  redis.call('HINCRBY', KEYS[5], prefix .. 'output', output)
+  redis.call('HINCRBY', KEYS[5], prefix .. 'cost', cost)
 end
 local min_id = math.floor(now_us / 1000) - retention_ms
-local fields = {}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
-local id = redis.call('XADD', KEYS[4], 'MINID', '~', min_id, '*', 'cost', ARGV[2], unpack(fields))
+local fields = {'cost', ARGV[2], 'model', model, 'input_tokens', input, 'output_tokens', output}
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+local id = redis.call('XADD', KEYS[4], 'MINID', '~', min_id, '*', unpack(fields))
 return {1, id}

@@ -166,18 +166,20 @@ class GatewayProcess:
         return self
 
     def stop(self) -> str:
-        """Stop it and return what it logged."""
+        """Stop it (once) and return what it logged."""
         assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.seek(0)
-        text = self.log.read().decode(errors="replace")
-        self.log.close()
-        return text
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if not self.log.closed:
+            self.log.seek(0)
+            self.logged = self.log.read().decode(errors="replace")
+            self.log.close()
+        return self.logged
 
 
 class RedisClusterServers:

@@ -111,3 +111,14 @@ def test_price_flags_need_a_model(run: CliRunner) -> None:
     result = run.invoke(main, ["prices", "--input-per-1k", "1"])
     assert result.exit_code == 2
     assert "MODEL" in result.output
+
+
+def test_keys_list_shows_spend_against_caps(run: CliRunner, mint: Any, gateway_url: str) -> None:
+    key, key_id = mint(monthly_cap=2, hard_cap=4)
+    httpx.post(
+        gateway_url + "/v1/chat/completions",
+        json={"model": "gpt", "messages": [{"role": "user", "content": "spend"}]},
+        headers={"authorization": f"Bearer {key}"},
+    )
+    line = next(li for li in run.invoke(main, ["keys", "list"]).output.splitlines() if key_id in li)
+    assert "/$2.00 (0%)" in line and "/$4.00 (0%)" in line

@@ -92,7 +92,8 @@ def test_cluster_one_key_on_one_shard_keys_on_every_shard(
             headers={"authorization": f"Bearer {created['key']}"},
         )
         tag = f"gw:{{{created['record']['id']}}}"
-        names = [f"{tag}:{part}" for part in ("key", "window", "spend", "resv", "lease", "usage")]
+        parts = ("key", "window", "spend", "resv", "lease", "usage", "totals")
+        names = [f"{tag}:{part}" for part in parts]
         holders = {owner(cluster, name) for name in names}
         assert len(holders) == 1, f"{tag} is split over shards {holders}"
         shards |= holders

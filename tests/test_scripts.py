@@ -52,14 +52,18 @@ async def new_key(store: Store, **spec: Any) -> tuple[str, str]:
         "2100-03-01",
     ],
 )
-async def test_month_of_matches_the_calendar(store: Store, moment: str) -> None:
+async def test_day_and_month_match_the_calendar(store: Store, moment: str) -> None:
     script = store.redis.register_script(
         load_script("admit_request").split("local key_hash")[0]
         + "return month_of(tonumber(ARGV[1]))"
     )
     seconds = calendar.timegm(time.strptime(moment, "%Y-%m-%d"))
+    days = store.redis.register_script(
+        load_script("admit_request").split("local key_hash")[0] + "return day_of(tonumber(ARGV[1]))"
+    )
     for offset in (0, 86_399):
         assert await script(keys=[], args=[seconds + offset]) == moment[:7]
+        assert await days(keys=[], args=[seconds + offset]) == moment
 
 
 async def test_admission_replay_reserves_once(

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from gateway import keys, usage
 from gateway.api.http import JSON, bearer, read_body
-from gateway.errors import BadRequest, NotFound, Unauthorized
+from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway.gateway import Gateway
 from gateway.prices import Price
 from gateway.schema import check, decode
@@ -91,15 +91,38 @@ async def put_price(request: Request) -> Response:
 async def list_usage(request: Request) -> Response:
     """Admin: any key's records. A gateway key: its own only."""
     gateway: Gateway = request.app.state.gateway
-    token = bearer(request)
-    own_key: str | None = None
-    try:
-        await gateway.admin.check(token)
-    except Unauthorized:
-        own_key, _ = await keys.authenticate(gateway.store, token)
+    own_key = await _usage_caller(gateway, bearer(request))
     query = usage.parse_query(dict(request.query_params), own_key)
     records, cursor = await usage.records(gateway.store, query)
     return JSON({"records": records, "next": cursor})
+
+
+async def usage_totals(request: Request) -> Response:
+    """GET /usage/totals?period=day|month&key=&since=&until=: per key and model."""
+    gateway: Gateway = request.app.state.gateway
+    own_key = await _usage_caller(gateway, bearer(request))
+    params = request.query_params
+    key = params.get("key") or own_key
+    if own_key is not None and key != own_key:
+        raise Forbidden("key: a key can read only its own usage")
+    found = await usage.totals(
+        gateway.store,
+        [key] if key else None,
+        params.get("period", "month"),
+        params.get("since", ""),
+        params.get("until", "\uffff"),
+    )
+    return JSON({"totals": found})
+
+
+async def _usage_caller(gateway: Gateway, token: str) -> str | None:
+    """None for the admin; a gateway key's id for a key (which sees only its own usage)."""
+    try:
+        await gateway.admin.check(token)
+    except Unauthorized:
+        key_id, _ = await keys.authenticate(gateway.store, token)
+        return key_id
+    return None
 
 
 def _known_model(gateway: Gateway, request: Request) -> str:

@@ -29,8 +29,7 @@ async def chat_completions(request: Request) -> Response:
     if plan.stream:
         return _stream(request, gateway, plan, ticket, hit)  # type: ignore[return-value]
     result = await gateway.completions.complete(plan, ticket, hit)
-    _note(request, provider=result.provider, cache="hit" if result.cached else "miss")
-    _note(request, cost=to_usd(result.cost))
+    _note_result(request, result)
     return JSON(result.body, headers=_headers(ticket, result.provider, result.cached, result.cost))
 
 
@@ -49,7 +48,9 @@ def _stream(
     async def settle() -> None:
         if relay is not None:  # else opening failed or was cancelled, and released
             await relay.finish()
-            _note(request, cost=to_usd(relay.cost))
+            input_tokens, output_tokens = relay.tokens
+            _note(request, cost=to_usd(relay.cost), upstream_seconds=relay.upstream_seconds)
+            _note(request, input_tokens=input_tokens, output_tokens=output_tokens)
 
     return EventStream(start, settle)
 
@@ -59,8 +60,7 @@ async def native_complete(request: Request) -> Response:
     raw_key, plan = await _plan(request, gateway, native=True)
     ticket, hit = await gateway.completions.admit(raw_key, plan)
     result = await gateway.completions.complete(plan, ticket, hit)
-    _note(request, provider=result.provider, cache="hit" if result.cached else "miss")
-    _note(request, cost=to_usd(result.cost))
+    _note_result(request, result)
     headers = _headers(ticket, result.provider, result.cached, result.cost)
     return JSON(_native(result, plan), headers=headers)
 
@@ -117,6 +117,18 @@ def _native(result: Result, plan: Plan) -> dict[str, Any]:
         "cached": result.cached,
         "cost": to_usd(result.cost),
     }
+
+
+def _note_result(request: Request, result: Result) -> None:
+    _note(
+        request,
+        provider=result.provider,
+        cache="hit" if result.cached else "miss",
+        cost=to_usd(result.cost),
+        input_tokens=result.input_tokens,
+        output_tokens=result.output_tokens,
+        upstream_seconds=result.upstream_seconds,
+    )
 
 
 def _note(request: Request, **fields: Any) -> None:

@@ -10,15 +10,17 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api.http import request_id
+from gateway.metrics import Recorder
 
 log = logging.getLogger("gateway.requests")
 
-_QUIET = frozenset({"/healthz", "/readyz"})
+_QUIET = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class RequestLog:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, recorder: Recorder) -> None:
         self.app = app
+        self.recorder = recorder
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -41,17 +43,28 @@ class RequestLog:
         try:
             await self.app(scope, receive, sending)
         finally:
-            self._line(scope["path"], rid, status, time.perf_counter() - started, fields)
+            seconds = time.perf_counter() - started
+            self._line(scope["path"], rid, status, seconds, fields)
+            self.recorder.request(scope["path"], status, seconds, fields)
 
     def _line(
         self, path: str, rid: str, status: int, seconds: float, fields: dict[str, Any]
     ) -> None:
         level = logging.DEBUG if path in _QUIET else logging.INFO
-        log.log(
-            level,
-            "request_id=%s path=%s key=%s model=%s provider=%s status=%s latency_ms=%.1f "
-            "cost=%s cache=%s",
-            rid, path, fields.get("key", "-"), fields.get("model", "-"),
-            fields.get("provider", "-"), status, seconds * 1000,
-            fields.get("cost", "-"), fields.get("cache", "-"),
-        )  # fmt: skip
+        if not log.isEnabledFor(level):
+            return
+        line = {
+            "request_id": rid,
+            "path": path,
+            "key": fields.get("key", "-"),
+            "model": fields.get("model", "-"),
+            "provider": fields.get("provider", "-"),
+            "status": status,
+            "latency_ms": round(seconds * 1000, 2),
+            "input_tokens": fields.get("input_tokens", 0),
+            "output_tokens": fields.get("output_tokens", 0),
+            "cost": f"{fields['cost']:.9f}" if "cost" in fields else "-",
+            "cache": fields.get("cache", "-"),
+        }
+        text = " ".join(f"{name}={value}" for name, value in line.items())
+        log.log(level, "%s", text, extra={"request": line})

@@ -1,0 +1,113 @@
+"""Prometheus metrics, correct across uvicorn workers.
+
+`gateway serve` points PROMETHEUS_MULTIPROC_DIR at a fresh directory before any worker
+starts, so each worker writes its samples there and /metrics sums them (the open
+reservations gauge as the live sum). An app built without it (tests, embedding) keeps
+the ordinary in-process registry.
+
+Labels carry key ids, never keys; `metrics.per_key_labels: false` drops the key label
+for fleets with many keys.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from starlette.requests import Request
+from starlette.responses import Response
+
+COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/api/ai-gateway/complete"})
+REFUSAL_REASONS = {
+    400: "bad_request", 401: "unauthorized", 402: "spend_cap", 403: "forbidden",
+    404: "not_found", 408: "slow_client", 413: "too_large", 429: "rate_limited",
+}  # fmt: skip
+_FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_SLOW = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+REQUESTS = Counter(
+    "gateway_requests_total", "Completions by outcome.", ["model", "provider", "status", "cache"]
+)
+OVERHEAD = Histogram(
+    "gateway_overhead_seconds", "Time in the gateway itself: total minus upstream.",
+    ["model"], buckets=_FAST,
+)  # fmt: skip
+UPSTREAM = Histogram(
+    "gateway_upstream_seconds", "Time waiting on providers.", ["provider"], buckets=_SLOW
+)
+TOKENS = Counter("gateway_tokens_total", "Tokens served.", ["model", "direction"])
+SPEND = Counter("gateway_spend_usd_total", "Settled spend in USD.", ["model", "key"])
+REFUSALS = Counter("gateway_refusals_total", "Completions refused, by reason.", ["reason"])
+FALLBACKS = Counter(
+    "gateway_fallbacks_total", "Routes abandoned for the next one.", ["model", "provider"]
+)
+PROVIDER_ERRORS = Counter(
+    "gateway_provider_errors_total", "Provider failures, by kind.", ["provider", "kind"]
+)
+OPEN_RESERVATIONS = Gauge(
+    "gateway_open_reservations", "Admitted requests not yet settled.", multiprocess_mode="livesum"
+)
+
+
+class Recorder:
+    """Turns one finished request's log fields into samples."""
+
+    def __init__(self, per_key_labels: bool) -> None:
+        self.per_key_labels = per_key_labels
+
+    def request(self, path: str, status: int, seconds: float, fields: dict[str, Any]) -> None:
+        if path not in COMPLETION_PATHS:
+            return
+        model = str(fields.get("model", "-"))
+        provider = str(fields.get("provider", "-"))
+        cache = str(fields.get("cache", "-"))
+        REQUESTS.labels(model, provider, str(status), cache).inc()
+        if status in REFUSAL_REASONS:
+            REFUSALS.labels(REFUSAL_REASONS[status]).inc()
+        upstream = float(fields.get("upstream_seconds", 0.0))
+        OVERHEAD.labels(model).observe(max(seconds - upstream, 0.0))
+        if upstream:
+            UPSTREAM.labels(provider).observe(upstream)
+        for direction in ("input", "output"):
+            tokens = fields.get(f"{direction}_tokens")
+            if tokens and cache != "hit":  # a hit consumed no provider tokens
+                TOKENS.labels(model, direction).inc(tokens)
+        cost = fields.get("cost")
+        if cost:
+            key = str(fields.get("key", "-")) if self.per_key_labels else "-"
+            SPEND.labels(model, key).inc(cost)
+
+
+def provider_failure(model: str, provider: str, reason: str) -> None:
+    PROVIDER_ERRORS.labels(provider, _kind(reason)).inc()
+    FALLBACKS.labels(model, provider).inc()
+
+
+def _kind(reason: str) -> str:
+    if reason.startswith("timed out"):
+        return "timeout"
+    if reason.startswith("connection"):
+        return "connection"
+    if reason.startswith("HTTP "):
+        return "http_" + reason[5:8]
+    return "invalid_answer"
+
+
+async def scrape(request: Request) -> Response:
+    """GET /metrics: every worker's samples when in multiprocess mode."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        body = generate_latest(registry)
+    else:
+        body = generate_latest()
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

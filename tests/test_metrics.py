@@ -1,0 +1,219 @@
+"""Observability: /metrics summed over workers, structured request logs, usage export."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.store import load_script
+from tests.conftest import UPSTREAM_KEYS, config_dict, write_config
+from tests.servers import GatewayProcess, RedisServer, free_port
+from tests.test_topology import flood
+from tests.upstreams import Upstream
+
+pytestmark = [pytest.mark.e2e, pytest.mark.redis]
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of /metrics, by (name, labels)."""
+    text = httpx.get(url + "/metrics").text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def total(samples: dict[Any, float], name: str, **labels: str) -> float:
+    wanted = set(labels.items())
+    return sum(v for (n, got), v in samples.items() if n == name and wanted <= got)
+
+
+@pytest.fixture
+def two_workers(
+    tmp_path: Path, redis_url: str, upstreams: dict[str, Upstream], admin_key: str
+) -> Iterator[GatewayProcess]:
+    raw = config_dict(upstreams)
+    dead = {"type": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1"}
+    raw["providers"]["dead"] = dead
+    raw["models"]["shaky"] = {
+        **{k: raw["models"]["gpt"][k] for k in ("input_per_1k", "output_per_1k")},
+        "routes": [{"provider": "dead", "model": "x"}, {"provider": "openai", "model": "up"}],
+    }
+    env = {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_ADMIN_KEY": admin_key,
+           "GATEWAY_LOG_FORMAT": "json", **UPSTREAM_KEYS}  # fmt: skip
+    process = GatewayProcess(write_config(tmp_path / "g.yaml", raw), env, workers=2).start()
+    yield process
+    process.stop()
+
+
+def test_metrics_count_exactly_across_workers(two_workers: GatewayProcess, admin_key: str) -> None:
+    url = two_workers.url
+    admin = {"authorization": f"Bearer {admin_key}"}
+    created = httpx.post(url + "/api/ai-gateway/keys", json={"name": "m", "rate_per_min": 30},
+                         headers=admin).json()  # fmt: skip
+    key, key_id = created["key"], created["record"]["id"]
+    results = asyncio.run(flood(url, [key], 40))  # 30 served, 10 rate limited
+    headers = {"authorization": f"Bearer {key}"}
+    other = httpx.post(url + "/api/ai-gateway/keys", json={"name": "n"}, headers=admin).json()
+    other_headers = {"authorization": f"Bearer {other['key']}"}
+    body = {"model": "gpt", "messages": [{"role": "user", "content": "r0"}]}
+    hit = httpx.post(url + "/v1/chat/completions", json=body, headers=other_headers)
+    hit = httpx.post(url + "/v1/chat/completions", json=body, headers=other_headers)
+    for i in range(3):
+        shaky = {"model": "shaky", "messages": [{"role": "user", "content": f"fall back {i}"}]}
+        assert httpx.post(url + "/v1/chat/completions", json=shaky, headers=other_headers)
+    assert hit.headers["x-gateway-cache"] == "hit"
+    assert [s for _, s in results].count(429) == 10
+    assert httpx.post(url + "/v1/chat/completions", json=body, headers=headers).status_code == 429
+
+    samples = scrape(url)
+    requests = "gateway_requests_total"
+    assert total(samples, requests, model="gpt", status="200", cache="miss") == 31
+    assert total(samples, requests, model="gpt", status="200", cache="hit") == 1
+    assert total(samples, requests, status="429") == 11
+    assert total(samples, requests, model="shaky", provider="openai", status="200") == 3
+    assert total(samples, "gateway_refusals_total", reason="rate_limited") == 11
+    assert total(samples, "gateway_fallbacks_total", model="shaky", provider="dead") == 3
+    assert total(samples, "gateway_provider_errors_total", provider="dead", kind="connection") == 3
+    assert total(samples, "gateway_overhead_seconds_count") == 46
+    assert total(samples, "gateway_upstream_seconds_count", provider="openai") == 34
+    assert total(samples, "gateway_open_reservations") == 0
+
+    records = httpx.get(url + "/api/ai-gateway/usage", params={"limit": 1000}, headers=admin)
+    served = [r for r in records.json()["records"] if not r["cached"]]
+    assert total(samples, "gateway_tokens_total", direction="output") == sum(
+        r["output_tokens"] for r in served
+    )
+    spend = total(samples, "gateway_spend_usd_total", key=key_id)
+    assert spend == pytest.approx(sum(r["cost"] for r in served if r["key_id"] == key_id))
+
+
+def test_request_log_is_one_json_line_per_request(
+    two_workers: GatewayProcess, admin_key: str
+) -> None:
+    admin = {"authorization": f"Bearer {admin_key}"}
+    created = httpx.post(two_workers.url + "/api/ai-gateway/keys", json={"name": "l"},
+                         headers=admin).json()  # fmt: skip
+    response = httpx.post(
+        two_workers.url + "/v1/chat/completions",
+        json={"model": "gpt", "messages": [{"role": "user", "content": "logged"}]},
+        headers={"authorization": f"Bearer {created['key']}", "x-request-id": "trace-42"},
+    )
+    assert response.headers["x-request-id"] == "trace-42"
+    log = two_workers.stop()
+    lines = [orjson.loads(line) for line in log.splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("request_id") == "trace-42"]
+    assert len(mine) == 1
+    entry = mine[0]
+    assert (entry["key"], entry["model"], entry["provider"], entry["status"]) == (
+        created["record"]["id"], "gpt", "openai", 200,
+    )  # fmt: skip
+    assert entry["input_tokens"] > 0 and entry["output_tokens"] == 2
+    assert float(entry["cost"]) > 0 and entry["cache"] == "miss" and entry["latency_ms"] > 0
+    assert created["key"] not in log and admin_key not in log
+
+
+def fill(redis_server: RedisServer, key_ids: list[str], first: int, count: int) -> int:
+    """`count` usage records through the real settle script; returns their total cost."""
+    client = redis_server.client()
+    sha = client.script_load(load_script("settle_request"))
+    settled = 0
+    for start in range(first, first + count, 2000):
+        pipe = client.pipeline(transaction=False)
+        for i in range(start, min(start + 2000, first + count)):
+            tag = f"gw:{{{key_ids[i % len(key_ids)]}}}"
+            keys = [f"{tag}:{part}" for part in ("spend", "resv", "lease", "usage", "totals")]
+            cost = 1000 + i % 7
+            settled += cost
+            args = [f"r{i}", cost, 1, 86_400_000, 1000, "gpt", 3, 4, "provider", "openai",
+                    "cached", 0, "request_id", f"req{i}"]  # fmt: skip
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        pipe.execute()
+    return settled
+
+
+def export_peak(gateway_url: str, admin_key: str, out: Path) -> int:
+    """Run `gateway usage export` into `out`; the peak RSS of that process, in KiB."""
+    wrapper = (
+        "import resource, subprocess, sys;"
+        "subprocess.run(sys.argv[1:], check=True);"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    command = [sys.executable, "-m", "gateway", "usage", "export", "--output", str(out)]
+    env = {"GATEWAY_URL": gateway_url, "GATEWAY_ADMIN_KEY": admin_key, "PATH": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, *command],
+        env=env, capture_output=True, text=True, check=True, timeout=600,
+    )  # fmt: skip
+    return int(done.stdout.strip())
+
+
+def test_export_100k_records_in_bounded_memory(
+    gateway_url: str, mint: Any, redis_server: RedisServer, admin_key: str, tmp_path: Path
+) -> None:
+    key_ids = [mint()[1] for _ in range(4)]
+    settled = fill(redis_server, key_ids, 0, 10_000)
+    small_peak = export_peak(gateway_url, admin_key, tmp_path / "small.jsonl")
+    settled += fill(redis_server, key_ids, 10_000, 90_000)
+    large_peak = export_peak(gateway_url, admin_key, tmp_path / "large.jsonl")
+
+    exported = 0
+    cost_nano = 0
+    with (tmp_path / "large.jsonl").open("rb") as lines:
+        for line in lines:
+            exported += 1
+            cost_nano += orjson.loads(line)["cost_nano"]
+    spend = sum(int(redis_server.client().hget(f"gw:{{{k}}}:spend", "total") or 0) for k in key_ids)
+    assert exported == 100_000
+    assert cost_nano == settled == spend
+    assert large_peak < small_peak + 20 * 1024, (small_peak, large_peak)
+
+
+def test_usage_totals_per_key_model_and_period(
+    gateway_url: str, mint: Any, admin: httpx.Client, redis_server: RedisServer
+) -> None:
+    key, key_id = mint()
+    for text in ("a", "b b", "c c c"):
+        httpx.post(
+            gateway_url + "/v1/chat/completions",
+            json={"model": "gpt", "messages": [{"role": "user", "content": text}]},
+            headers={"authorization": f"Bearer {key}"},
+        )
+    records = admin.get("/usage", params={"key": key_id}).json()["records"]
+    for period in ("day", "month"):
+        rows = admin.get("/usage/totals", params={"key": key_id, "period": period}).json()
+        (row,) = rows["totals"]
+        assert (row["key_id"], row["model"], row["requests"]) == (key_id, "gpt", 3)
+        assert row["output_tokens"] == sum(r["output_tokens"] for r in records)
+        assert row["cost_nano"] == sum(r["cost_nano"] for r in records)
+        assert len(row[period]) == (10 if period == "day" else 7)
+    assert admin.get("/usage/totals", params={"period": "year"}).status_code == 400
+
+
+def test_dashboard_queries_only_metrics_the_gateway_exports() -> None:
+    import re
+
+    from gateway import metrics
+
+    dashboard = orjson.loads((Path(__file__).parent.parent / "deploy/grafana/ai-gateway.json")
+                             .read_bytes())  # fmt: skip
+    exported = {
+        m._name for m in vars(metrics).values() if hasattr(m, "_name") and hasattr(m, "labels")
+    }
+    used = {
+        re.sub(r"_(bucket|total|sum|count)$", "", name)
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"gateway_[a-z_]+", target["expr"])
+    }
+    assert used and used <= {re.sub(r"_total$", "", n) for n in exported}

@@ -34,6 +34,15 @@ _SETTLE_RETRY_SECONDS = (0.05, 0.2, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 @dataclass(frozen=True, slots=True)
+class CacheWrite:
+    """A response to store in the settlement call: key under the key's hash tag."""
+
+    key: str
+    entry: bytes  # msgpack
+    ttl_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ticket:
     """An admitted request: what was reserved, and the window headers to send back."""
 
@@ -43,6 +52,7 @@ class Ticket:
     limit: int
     remaining: int
     reset_ms: int
+    cache_entry: bytes | None = None  # read by admission when asked
 
 
 class Gate:
@@ -52,24 +62,42 @@ class Gate:
         self.retention_ms = retention_ms
         self._retries: set[asyncio.Task[None]] = set()
 
-    async def admit(self, raw_key: str, model: str, reservation_id: str, amount: int) -> Ticket:
+    async def admit(
+        self,
+        raw_key: str,
+        model: str,
+        reservation_id: str,
+        amount: int,
+        cache_key: str | None = None,
+    ) -> Ticket:
+        """Admit and reserve; with `cache_key` (under the key's hash tag), also read the
+        cached response in the same call, into `Ticket.cache_entry`."""
         key_id, digest = identify(raw_key)
         slots = Slots.of(key_id)
         keys = [slots.record, slots.window, slots.spend, slots.resv, slots.lease]
+        if cache_key:
+            keys.append(cache_key)
         args = [digest, model, reservation_id, amount, self.lease_ms]
-        status, limit, remaining, reset_ms, detail = await self.store.run(
-            "admit_request", keys, args
-        )
+        answer = await self.store.run("admit_request", keys, args)
+        status, limit, remaining, reset_ms, detail = answer[:5]
         if status == ADMITTED:
             metrics.OPEN_RESERVATIONS.inc()
-            return Ticket(key_id, reservation_id, amount, limit, remaining, reset_ms)
-        raise _refusal(status, model, limit, reset_ms, detail)
+            entry = answer[5] if len(answer) > 5 and answer[5] else None
+            return Ticket(key_id, reservation_id, amount, limit, remaining, reset_ms, entry)
+        raise _refusal(status, model, limit, reset_ms, detail.decode())
 
-    async def settle(self, ticket: Ticket, cost: int, record: dict[str, Any] | None) -> None:
-        """Settle now; if the store is away, keep retrying in the background."""
+    async def settle(
+        self,
+        ticket: Ticket,
+        cost: int,
+        record: dict[str, Any] | None,
+        cache: CacheWrite | None = None,
+    ) -> None:
+        """Settle now (storing `cache` in the same call); if the store is away, keep
+        retrying in the background."""
         metrics.OPEN_RESERVATIONS.dec()
         try:
-            await self._settle(ticket, cost, record)
+            await self._settle(ticket, cost, record, cache)
         except StoreUnavailable:
             log.warning("settlement of %s deferred: store unavailable", ticket.reservation_id)
             task = asyncio.create_task(self._settle_later(ticket, cost, record))
@@ -84,16 +112,26 @@ class Gate:
         if self._retries:
             await asyncio.gather(*self._retries, return_exceptions=True)
 
-    async def _settle(self, ticket: Ticket, cost: int, record: dict[str, Any] | None) -> None:
+    async def _settle(
+        self,
+        ticket: Ticket,
+        cost: int,
+        record: dict[str, Any] | None,
+        cache: CacheWrite | None = None,
+    ) -> None:
         slots = Slots.of(ticket.key_id)
         extra = dict(record or {})
         counted = [extra.pop(name, 0) for name in ("model", "input_tokens", "output_tokens")]
         fields: list[Any] = []
         for name, value in extra.items():
             fields += [name, value]
-        args = [ticket.reservation_id, cost, 1 if record is not None else 0]
-        args += [self.retention_ms, SETTLED_MARK_MS, *counted, *fields]
         keys = [slots.spend, slots.resv, slots.lease, slots.usage, slots.totals]
+        entry: list[Any] = ["", 0]
+        if cache is not None:
+            keys.append(cache.key)
+            entry = [cache.entry, cache.ttl_seconds]
+        args = [ticket.reservation_id, cost, 1 if record is not None else 0]
+        args += [self.retention_ms, SETTLED_MARK_MS, *counted, *entry, *fields]
         await self.store.run("settle_request", keys, args)
 
     async def _settle_later(self, ticket: Ticket, cost: int, record: dict[str, Any] | None) -> None:

@@ -48,19 +48,27 @@ class Cache:
         self.store = store
 
     def key_for(self, body: dict[str, Any], key_id: str) -> str:
+        """Per-key entries share the key's {hash tag}, so the admission and settlement
+        scripts can read and write them in their own round trips."""
         shaping = {k: v for k, v in body.items() if k not in TRANSPORT_FIELDS}
         digest = hashlib.sha256(orjson.dumps(shaping, option=orjson.OPT_SORT_KEYS)).hexdigest()
-        scope = key_id if self.config.scope == "key" else "global"
-        return f"gw:cache:{scope}:{digest}"
+        if self.config.scope == "key":
+            return f"gw:{{{key_id}}}:cache:{digest}"
+        return f"gw:cache:global:{digest}"
 
-    async def get(self, cache_key: str) -> Entry | None:
-        """A miss when absent or unreadable; the cache never fails a request."""
-        try:
-            raw = await self.store.call(lambda: self.store.binary.get(cache_key))
-        except StoreUnavailable:
-            return None
-        if raw is None:
-            return None
+    def inline(self, state: Store) -> bool:
+        """Whether the scripts on `state` can read and write this cache themselves."""
+        return self.store is state and self.config.scope == "key"
+
+    @staticmethod
+    def encode(entry: Entry) -> bytes:
+        packed: bytes = msgpack.packb(
+            [entry.body, entry.provider, entry.input_tokens, entry.output_tokens]
+        )
+        return packed
+
+    @staticmethod
+    def decode(raw: bytes, cache_key: str) -> Entry | None:
         try:
             body, provider, input_tokens, output_tokens = msgpack.unpackb(raw)
             return Entry(body, provider, input_tokens, output_tokens)
@@ -68,10 +76,18 @@ class Cache:
             log.warning("unreadable cache entry %s ignored", cache_key)
             return None
 
+    async def get(self, cache_key: str) -> Entry | None:
+        """A miss when absent or unreadable; the cache never fails a request."""
+        try:
+            raw = await self.store.call(lambda: self.store.binary.get(cache_key))
+        except StoreUnavailable:
+            return None
+        if not isinstance(raw, bytes):  # absent (the binary client never decodes)
+            return None
+        return self.decode(raw, cache_key)
+
     async def put(self, cache_key: str, entry: Entry) -> None:
-        packed = msgpack.packb(
-            [entry.body, entry.provider, entry.input_tokens, entry.output_tokens]
-        )
+        packed = self.encode(entry)
         try:
             await self.store.call(
                 lambda: self.store.binary.set(cache_key, packed, ex=self.config.ttl_seconds)

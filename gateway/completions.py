@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.admission import Gate, Ticket
+from gateway.admission import CacheWrite, Gate, Ticket
 from gateway.cache import Cache, Entry
 from gateway.config import Config
 from gateway.errors import GatewayTimeout, NotFound, ProviderFailure
@@ -62,6 +62,7 @@ class Completions:
         self.cache = cache
         self.prices = prices
         self.router = router
+        self.inline_cache = cache.inline(gate.store)
         self.deadline = config.limits.request_timeout_seconds
 
     async def plan(
@@ -105,10 +106,17 @@ class Completions:
         reservation_id = secrets.token_hex(16)
         # One deadline from admission on, shorter than the reservation's lease.
         plan.deadline = asyncio.get_running_loop().time() + self.deadline
+        lookup = plan.cache_key if plan.lookup else None
+        if lookup and self.inline_cache:
+            ticket = await self.gate.admit(
+                raw_key, plan.model, reservation_id, plan.reservation, cache_key=lookup
+            )
+            raw = ticket.cache_entry
+            return ticket, Cache.decode(raw, lookup) if raw else None
         admission = self.gate.admit(raw_key, plan.model, reservation_id, plan.reservation)
-        if not (plan.lookup and plan.cache_key):
+        if lookup is None:
             return await admission, None
-        ticket, hit = await asyncio.gather(admission, self.cache.get(plan.cache_key))
+        ticket, hit = await asyncio.gather(admission, self.cache.get(lookup))
         return ticket, hit
 
     async def complete(self, plan: Plan, ticket: Ticket, hit: Entry | None) -> Result:
@@ -125,11 +133,9 @@ class Completions:
         record = self._record(
             plan, ticket, served.provider, done.input_tokens, done.output_tokens, False
         )
-        await asyncio.shield(self.gate.settle(ticket, charge, record))
         body = {**done.body, "model": plan.model}
-        if plan.cache_key and plan.cache_write:
-            entry = Entry(body, served.provider, done.input_tokens, done.output_tokens)
-            await self.cache.put(plan.cache_key, entry)
+        entry = Entry(body, served.provider, done.input_tokens, done.output_tokens)
+        await asyncio.shield(self.settle_served(plan, ticket, charge, record, entry))
         tokens = done.input_tokens, done.output_tokens
         return Result(body, served.provider, *tokens, charge, False, waited)
 
@@ -141,6 +147,20 @@ class Completions:
             stream = await self.router.stream(plan.model, plan.body)
         stream.opened = started
         return Relay(self, plan, ticket, stream=stream)
+
+    async def settle_served(
+        self, plan: Plan, ticket: Ticket, charge: int, record: dict[str, Any], entry: Entry | None
+    ) -> None:
+        """Settle, and store the response for the cache: in the same script call when the
+        cache lives beside the key's state, else with one more command."""
+        cache_key = plan.cache_key if plan.cache_write and entry is not None else None
+        if cache_key and entry and self.inline_cache:
+            write = CacheWrite(cache_key, Cache.encode(entry), self.config.cache.ttl_seconds)
+            await self.gate.settle(ticket, charge, record, write)
+            return
+        await self.gate.settle(ticket, charge, record)
+        if cache_key and entry:
+            await self.cache.put(cache_key, entry)
 
     @asynccontextmanager
     async def _serving(self, plan: Plan, ticket: Ticket) -> AsyncIterator[None]:
@@ -249,11 +269,11 @@ class Relay:
         record = self.owner._record(
             self.plan, self.ticket, self.provider, input_tokens, output_tokens, False
         )
-        await self.owner.gate.settle(self.ticket, self.cost, record)
-        if self.complete and self.plan.cache_key and self.plan.cache_write:
+        entry = None
+        if self.complete:
             body = {**self.assembler.completion(), "model": self.plan.model}
             entry = Entry(body, self.provider, input_tokens, output_tokens)
-            await self.owner.cache.put(self.plan.cache_key, entry)
+        await self.owner.settle_served(self.plan, self.ticket, self.cost, record, entry)
 
     def _used(self) -> tuple[int, int]:
         """Reported usage; failing that, the bounds: what was reserved is what is charged."""

@@ -7,13 +7,14 @@
 -- KEYS[3]  {id}:spend   hash   total, m:YYYY-MM, reserved (nano-USD)
 -- KEYS[4]  {id}:resv    hash   request id -> reserved amount (nano-USD) or 's' once settled
 -- KEYS[5]  {id}:lease   zset   request id -> lease expiry (µs)
+-- KEYS[6]  optional: {id}:cache:<sha>, the response cache entry to read once admitted
 -- ARGV[1]  SHA-256 of the raw key, hex
 -- ARGV[2]  model name the client asked for
 -- ARGV[3]  request id (makes a retried call idempotent)
 -- ARGV[4]  reservation, nano-USD (integer)
 -- ARGV[5]  lease, ms: how long the reservation lives if it is never settled
 --
--- Returns {status, limit, remaining, reset_ms, detail}
+-- Returns {status, limit, remaining, reset_ms, detail, cache entry or false}
 --   status 0 admitted (also for a replayed request id), 1 unknown key, 2 revoked,
 --   3 model not allowed, 4 rate limited, 5 monthly cap, 6 lifetime cap
 --   limit/remaining: the window (0/-1 when unlimited); reset_ms: until a slot frees
@@ -34,7 +35,7 @@ local rate, monthly, hard = tonumber(key[4]), tonumber(key[5]), tonumber(key[6])
 local seconds, now_us = now()
 
 -- A replayed call (the first one timed out after running) must not reserve twice.
-if redis.call('HEXISTS', KEYS[4], request_id) == 1 then return {0, rate, -1, 0, ''} end
+if redis.call('HEXISTS', KEYS[4], request_id) == 1 then return {0, rate, -1, 0, '', false} end
 
 -- Leases of workers that died: give their capacity back.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now_us, 'LIMIT', 0, 256)
@@ -71,5 +72,7 @@ end
 redis.call('HSET', KEYS[4], request_id, amount)
 redis.call('ZADD', KEYS[5], now_us + lease_ms * 1000, request_id)
 redis.call('HINCRBY', KEYS[3], 'reserved', amount)
-if rate > 0 then return {0, rate, rate - count - 1, reset_ms, ''} end
-return {0, 0, -1, 0, ''}
+local entry = false
+if KEYS[6] then entry = redis.call('GET', KEYS[6]) end
+if rate > 0 then return {0, rate, rate - count - 1, reset_ms, '', entry} end
+return {0, 0, -1, 0, '', entry}

@@ -13,8 +13,10 @@
 -- ARGV[3]  1 to write a usage record, 0 to only release (no provider served it)
 -- ARGV[4]  retention of usage records, ms
 -- ARGV[5]  how long the settled mark is kept against retries, ms
+-- KEYS[6]  optional: {id}:cache:<sha>, where to store the response
 -- ARGV[6]  model name, ARGV[7] input tokens, ARGV[8] output tokens
--- ARGV[9..] more usage record fields, name/value pairs
+-- ARGV[9]  the cache entry (msgpack) when KEYS[6] is given, ARGV[10] its TTL in seconds
+-- ARGV[11..] more usage record fields, name/value pairs
 --
 -- Returns {settled, stream id}: settled 1 the first time, 0 for a repeat.
 
@@ -44,8 +46,9 @@ for _, period in ipairs({'d|' .. day, 'm|' .. string.sub(day, 1, 7)}) do
   redis.call('HINCRBY', KEYS[5], prefix .. 'output', output)
   redis.call('HINCRBY', KEYS[5], prefix .. 'cost', cost)
 end
+if KEYS[6] then redis.call('SET', KEYS[6], ARGV[9], 'EX', ARGV[10]) end
 local min_id = math.floor(now_us / 1000) - retention_ms
 local fields = {'cost', ARGV[2], 'model', model, 'input_tokens', input, 'output_tokens', output}
-for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[4], 'MINID', '~', min_id, '*', unpack(fields))
 return {1, id}

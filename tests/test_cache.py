@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import httpx
@@ -10,7 +11,7 @@ import pytest
 from gateway import config as config_module
 from gateway.app import create_app
 from tests.conftest import config_dict
-from tests.servers import ThreadServer
+from tests.servers import RedisServer, ThreadServer
 from tests.upstreams import Upstream
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
@@ -137,3 +138,32 @@ def test_cache_hit_counts_against_the_rate_limit(gateway_url: str, mint: Any) ->
     assert chat(gateway_url, key).status_code == 200
     assert chat(gateway_url, key).headers["x-gateway-cache"] == "hit"
     assert chat(gateway_url, key).status_code == 429
+
+
+def test_miss_and_hit_take_two_script_calls_each(
+    gateway_url: str, mint: Any, redis_server: RedisServer
+) -> None:
+    """With the cache beside the key's state (the default), admission reads it and
+    settlement writes it: each request is exactly two Redis commands."""
+    key, _ = mint()
+    warm, _ = mint()
+    chat(gateway_url, warm)  # loads the scripts and opens the connections
+    chat(gateway_url, warm)
+    seen: list[str] = []
+    with redis_server.client().monitor() as monitor:
+
+        def watch() -> None:
+            for command in monitor.listen():
+                if command["client_type"] != "lua":  # commands run by the scripts themselves
+                    seen.append(command["command"].split()[0].upper())
+                if seen and seen[-1] == "ECHO":
+                    return
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        assert chat(gateway_url, key).headers["x-gateway-cache"] == "miss"
+        assert chat(gateway_url, key).headers["x-gateway-cache"] == "hit"
+        redis_server.client().echo("done")
+        watcher.join(timeout=10)
+    setup = ("PING", "ECHO", "HELLO", "CLIENT", "SELECT")  # per connection, not per request
+    assert [c for c in seen if c not in setup] == ["EVALSHA"] * 4

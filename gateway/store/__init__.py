@@ -63,8 +63,9 @@ class Store:
         # Typed as a plain client: RedisCluster offers the same commands.
         self.redis: aioredis.Redis = connect(url)
         self.binary: aioredis.Redis = connect(url, decode=False)  # msgpack cache entries
+        # Scripts answer through the binary client: admission can return a cache entry.
         self.scripts: dict[str, AsyncScript] = {
-            name: self.redis.register_script(load_script(name)) for name in SCRIPTS
+            name: self.binary.register_script(load_script(name)) for name in SCRIPTS
         }
 
     async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
@@ -77,12 +78,12 @@ class Store:
     async def _run_replicated(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA then WAIT in one round trip: the answer comes once replicas have the write."""
         for _ in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self.binary.pipeline(transaction=False) as pipe:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
                 pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
                 answer, acked = await pipe.execute(raise_on_error=False)
             if isinstance(answer, rexc.NoScriptError):
-                await self.redis.script_load(script.script)
+                await self.binary.script_load(script.script)
                 continue
             if isinstance(answer, Exception):
                 raise answer

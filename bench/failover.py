@@ -22,12 +22,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway import config as config_module  # noqa: E402
-from gateway.app import create_app  # noqa: E402
-from tests.conftest import config_dict  # noqa: E402
-from tests.servers import SentinelGroup, ThreadServer  # noqa: E402
-from tests.test_admission import burst  # noqa: E402
-from tests.upstreams import openai_upstream  # noqa: E402
+from gateway import config as config_module
+from gateway.app import create_app
+from tests.conftest import config_dict
+from tests.servers import SentinelGroup, ThreadServer
+from tests.test_admission import burst
+from tests.upstreams import openai_upstream
 
 ADMIN = "bench-admin"
 
@@ -36,13 +36,16 @@ async def one_round(requests: int, wait_replicas: int) -> tuple[int, int, float]
     """(answered 200, records that survived, outage seconds)."""
     group = SentinelGroup().start()
     upstream = openai_upstream()
-    raw = config_dict({"openai": upstream, "claude": upstream},
-                      store={"wait_replicas": wait_replicas, "wait_timeout_ms": 1000})
+    raw = config_dict(
+        {"openai": upstream, "claude": upstream},
+        store={"wait_replicas": wait_replicas, "wait_timeout_ms": 1000},
+    )
     server = ThreadServer(create_app(config_module.parse(raw, "bench"), group.url)).start()
     try:
         headers = {"authorization": f"Bearer {ADMIN}"}
-        created = httpx.post(server.url + "/api/ai-gateway/keys", json={"name": "f"},
-                             headers=headers).json()
+        created = httpx.post(
+            server.url + "/api/ai-gateway/keys", json={"name": "f"}, headers=headers
+        ).json()
         flight = asyncio.create_task(burst(server.url, created["key"], requests))
         usage = f"gw:{{{created['record']['id']}}}:usage"
         while group.master.client().xlen(usage) < requests // 3:

@@ -24,8 +24,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.conftest import write_config  # noqa: E402
-from tests.servers import GatewayProcess, Nginx, RedisClusterServers, RedisServer  # noqa: E402
+from tests.conftest import write_config
+from tests.servers import GatewayProcess, Nginx, RedisClusterServers, RedisServer
 
 ADMIN = "bench-admin"
 CONFIG = {

@@ -78,7 +78,13 @@ class Gate:
         if cache_key:
             keys.append(cache_key)
         args = [digest, model, reservation_id, amount, self.lease_ms]
-        answer = await self.store.run("admit_request", keys, args)
+        try:
+            answer = await self.store.run("admit_request", keys, args)
+        except StoreUnavailable:
+            # The call may have run before its answer was lost: release that reservation
+            # id (a no-op if it never ran) rather than hold the capacity for a lease.
+            self._later(Ticket(key_id, reservation_id, amount, 0, 0, 0), 0, None)
+            raise
         status, limit, remaining, reset_ms, detail = answer[:5]
         if status == ADMITTED:
             metrics.OPEN_RESERVATIONS.inc()
@@ -100,9 +106,12 @@ class Gate:
             await self._settle(ticket, cost, record, cache)
         except StoreUnavailable:
             log.warning("settlement of %s deferred: store unavailable", ticket.reservation_id)
-            task = asyncio.create_task(self._settle_later(ticket, cost, record))
-            self._retries.add(task)
-            task.add_done_callback(self._retries.discard)
+            self._later(ticket, cost, record)
+
+    def _later(self, ticket: Ticket, cost: int, record: dict[str, Any] | None) -> None:
+        task = asyncio.create_task(self._settle_later(ticket, cost, record))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
 
     async def release(self, ticket: Ticket) -> None:
         """Give the reservation back with no charge and no record (no provider served it)."""

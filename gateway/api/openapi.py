@@ -84,6 +84,11 @@ _RESPONSES: dict[str, Schema] = {
         rate_per_min=_INT, monthly_cap=_NUMBER, hard_cap=_NUMBER, spend=_NUMBER,
         spend_month=_NUMBER, reserved=_NUMBER, created_at=_INT, revoked=_BOOL,
     ),
+    "UsageTotal": _obj(
+        ["key_id", "model", "requests", "input_tokens", "output_tokens", "cost"],
+        key_id=_STR, model=_STR, day=_STR, month=_STR, requests=_INT, input_tokens=_INT,
+        output_tokens=_INT, cost=_NUMBER, cost_nano=_INT,
+    ),
     "Price": _obj(["input_per_1k", "output_per_1k"], input_per_1k=_NUMBER, output_per_1k=_NUMBER),
     "UsageRecord": _obj(
         ["id", "key_id", "model", "provider", "input_tokens", "output_tokens", "cost",
@@ -179,6 +184,13 @@ def _admin_paths() -> dict[str, Schema]:
     price = _json({"allOf": [_obj(["model"], model=_STR), _ref("Price")]})
     usage = _json(_obj(["records", "next"], records={"type": "array", "items": _ref("UsageRecord")},
                        next={"type": ["string", "null"]}))  # fmt: skip
+    totals = _json(_obj(["totals"], totals={"type": "array", "items": _ref("UsageTotal")}))
+    totals_params = [
+        _query("period", "day or month", {"enum": ["day", "month"]}),
+        _query("key", "a key id (a key caller may name only its own)"),
+        _query("since", "first day or month, as YYYY-MM-DD or YYYY-MM"),
+        _query("until", "last day or month, as YYYY-MM-DD or YYYY-MM"),
+    ]
     usage_params = [
         _query("key", "a key id (a key caller may name only its own)"),
         _query("since", "Unix seconds or ISO 8601"),
@@ -219,6 +231,11 @@ def _admin_paths() -> dict[str, Schema]:
         f"{API}/usage": {
             "get": _operation("listUsage", "Usage records, newest first", ok=usage,
                               parameters=usage_params, errors=(400, 401, 403, 503),
+                              security=("adminKey", "gatewayKey")),
+        },
+        f"{API}/usage/totals": {
+            "get": _operation("usageTotals", "Totals per key and model, per day or month",
+                              ok=totals, parameters=totals_params, errors=(400, 401, 403, 503),
                               security=("adminKey", "gatewayKey")),
         },
     }  # fmt: skip
@@ -280,6 +297,14 @@ def build() -> Schema:
         },
         **_admin_paths(),
         **_prompt_paths(),
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics (key ids as labels, never keys)",
+                "responses": {"200": {"description": "OK",
+                                      "content": {"text/plain": {"schema": _STR}}}},
+            }
+        },
         "/healthz": _probe("healthz", "Liveness"),
         "/readyz": _probe("readyz", "Readiness: the store answers, scripts loaded", (503,)),
     }  # fmt: skip

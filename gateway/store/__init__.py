@@ -100,7 +100,12 @@ class Store:
         except TimeoutError as exc:
             raise StoreUnavailable("the store is saturated: no free connection in time") from exc
         try:
-            return await operation()
+            try:
+                return await operation()
+            except _TORN_DOWN:
+                # A connection torn down mid-handshake under a burst: the command never ran
+                # or is idempotent (see topology._RETRY), so one resend on a fresh one.
+                return await operation()
         except (*_UNAVAILABLE, *_TORN_DOWN) as exc:
             raise StoreUnavailable(f"the store is unavailable: {exc.__class__.__name__}") from exc
         finally:

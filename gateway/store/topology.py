@@ -19,11 +19,21 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis import exceptions as rexc
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
 
 POOL_SIZE = 64  # operations in flight per client per worker process
 _HEADROOM = 8  # connections outside Store's gate: the price book's subscription
+# A pooled connection left dead by a Redis restart or failover fails its next command
+# once; reconnect and resend. Every script the gateway runs is idempotent (keyed by its
+# reservation id) and every other command is a read or an overwrite, so a resend is safe.
+_RETRY: dict[str, Any] = {
+    "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+    "retry_on_error": [rexc.ConnectionError],
+}
 OPTIONS: dict[str, Any] = {
     "socket_timeout": 5.0,
     # Generous: under a burst the event loop itself can lag by seconds, and a connect that
@@ -41,7 +51,7 @@ def connect(url: str, *, decode: bool = True) -> Any:
     if scheme == "redis+sentinel":
         return _sentinel(url, decode)
     return aioredis.Redis.from_url(
-        url, decode_responses=decode, max_connections=POOL_SIZE + _HEADROOM, **OPTIONS
+        url, decode_responses=decode, max_connections=POOL_SIZE + _HEADROOM, **OPTIONS, **_RETRY
     )
 
 
@@ -76,6 +86,7 @@ def _sentinel(url: str, decode: bool) -> aioredis.Redis:
     password = unquote(parts.password) if parts.password else None
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         _hosts(parts.netloc, 26379),
+        **_RETRY,
         sentinel_kwargs={"socket_timeout": 1.0, "socket_connect_timeout": 1.0},
         password=password,
         db=db,

@@ -1,0 +1,1 @@
+"""The benchmark harness of the gateway: see bench/README.md."""

@@ -169,6 +169,11 @@ def _row(results: dict[str, Any], kind: str, concurrency: int) -> dict[str, Any]
     return {}
 
 
+def _cpu_ratio(row: dict[str, Any]) -> float:
+    """LiteLLM's CPU per request over the gateway's: less swayed by other load than rps."""
+    return float(row["litellm"]["cpu_ms_per_request"] / row["gateway"]["cpu_ms_per_request"])
+
+
 def targets(results: dict[str, Any]) -> str:
     """The issue's targets, side by side with what this run measured (no pass/fail)."""
     plain1, stream1 = _row(results, "plain", 1), _row(results, "stream", 1)
@@ -182,7 +187,8 @@ def targets(results: dict[str, Any]) -> str:
     trips = ", ".join(f"{KINDS[k]} {v['round_trips_per_request']:.2f}" for k, v in redis.items())
     lines.append(f"  Redis round trips per request (target 2, hits <= 2): {trips}")
     versus = [
-        f"c={row['concurrency']} {row['kind']} {row['gateway_vs_litellm_rps']:.1f}x"
+        f"c={row['concurrency']} {row['kind']} {row['gateway_vs_litellm_rps']:.1f}x "
+        f"(CPU per request {_cpu_ratio(row):.1f}x)"
         for row in results["rows"]
         if "gateway_vs_litellm_rps" in row
     ]

@@ -112,6 +112,8 @@ def main() -> None:
     args = parse_args()
     check_tools()
     signal.signal(signal.SIGTERM, _terminate)
+    # A shell starts background jobs with SIGINT ignored; SIGINT must stop a run all the same.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     run = procs.Processes(workdir)
     started = time.monotonic()

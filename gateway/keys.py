@@ -121,8 +121,16 @@ async def _hash(store: Store, name: str) -> dict[str, str]:
 
 
 async def key_ids(store: Store) -> list[str]:
-    members: set[str] = await store.call(lambda: store.redis.smembers(INDEX))  # type: ignore[return-value,arg-type]
-    return sorted(members)
+    return await members(store, INDEX)
+
+
+async def members(store: Store, name: str) -> list[str]:
+    """The members of a Redis set, sorted."""
+
+    async def read() -> set[str]:
+        return await store.redis.smembers(name)  # type: ignore[return-value]
+
+    return sorted(await store.call(read))
 
 
 async def fetch(store: Store, key_id: str, month: str) -> dict[str, Any] | None:

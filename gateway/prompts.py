@@ -19,6 +19,7 @@ from typing import Any
 
 from gateway.config import LimitsConfig
 from gateway.errors import BadRequest, NotFound
+from gateway.keys import members
 from gateway.store import Store
 
 INDEX = "gw:prompts"
@@ -117,10 +118,9 @@ class Prompts:
         return {"name": name, "active": int(meta["active"]), "versions": listed}
 
     async def listing(self) -> list[dict[str, Any]]:
-        names: set[str] = await self.store.call(lambda: self.store.redis.smembers(INDEX))  # type: ignore[arg-type,return-value]
         found = []
-        for name in sorted(names):
-            meta = await self.store.call(lambda n=name: self.store.redis.hgetall(_slots(n)[0]))  # type: ignore[misc]
+        for name in await members(self.store, INDEX):
+            meta, _ = await self._read(name)
             found.append(
                 {"name": name, "active": int(meta["active"]), "latest": int(meta["latest"])}
             )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -76,7 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=3000)
     args = parser.parse_args()
-    run = procs.Processes(Path(tempfile.mkdtemp(prefix="gateway-bench-clients-")))
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-clients-"))
+    run = procs.Processes(workdir)
     last = procs.CPU_COUNT - 1
     try:
         upstream = services.start_nginx(run, f"0-{last - 1}" if last else None)
@@ -86,6 +88,7 @@ def main() -> None:
         uvloop.run(compare(upstream.base_url(services.PLAIN) + "/chat/completions", args.requests))
     finally:
         run.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

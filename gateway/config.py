@@ -57,6 +57,10 @@ class LimitsConfig(_Strict):
     # worker's reservation holds capacity.
     lease_margin_seconds: float = Field(30.0, ge=0.5)
     usage_retention_days: int = Field(90, ge=1)
+    # The request line and headers: their size, and how long they may take to arrive once
+    # the first byte has (a slow client holds a connection no longer than this).
+    max_header_bytes: int = Field(32_768, ge=1024, le=16_777_216)
+    header_timeout_seconds: float = Field(10.0, gt=0, le=3600)
     max_template_bytes: int = Field(65_536, ge=1)
     max_variables_bytes: int = Field(65_536, ge=1)
 

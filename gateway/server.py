@@ -11,6 +11,7 @@ import orjson
 import uvicorn
 
 from gateway import config as config_module
+from gateway import http_protocol
 from gateway.auth import data_dir
 from gateway.errors import ConfigError
 from gateway.store import topology
@@ -96,6 +97,7 @@ def serve(host: str, port: int, workers: int, config_path: str | None) -> None:
         uvicorn.run(
             "gateway.app:create_app",
             factory=True,
+            http=http_protocol.protocol(config.limits),
             host=host,
             port=port,
             workers=workers,

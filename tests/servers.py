@@ -20,6 +20,8 @@ import httpx
 import redis
 import uvicorn
 
+from gateway import http_protocol
+from gateway.config import LimitsConfig
 from gateway.lifecycle import die_with_parent
 from gateway.store.embedded import server_binary
 
@@ -102,11 +104,16 @@ class RedisServer:
 class ThreadServer:
     """An ASGI app served by uvicorn on a free port, in a daemon thread."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, limits: LimitsConfig | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            http=http_protocol.protocol(limits or LimitsConfig()),  # as `gateway serve` runs
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

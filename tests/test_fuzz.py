@@ -444,8 +444,8 @@ def test_fuzz_odd_headers(
     _post(target, path, orjson.dumps(body), sent, key)
 
 
-# Messages the HTTP server itself refuses before the app sees them (uvicorn answers a
-# plain-text 400 and closes): the point is that nothing hangs and the gateway serves on.
+# Messages the HTTP server itself refuses before the app sees them (the gateway's protocol
+# answers 400 with the JSON error body and closes): nothing hangs, the gateway serves on.
 MALFORMED_HTTP = [
     pytest.param(b"Cache-Control: no-cache\x7f\r\n", id="DEL-in-header"),
     pytest.param(b"X-Request-Id: a\x00b\r\n", id="NUL-in-header"),

@@ -47,7 +47,7 @@ class AnthropicProvider(HTTPProvider):
         request = to_messages_request(body, model, _max_tokens(body), stream=True)
         translator = StreamTranslator(model)
         async with self.open_stream("/v1/messages", request) as events:
-            async for event in events.aiter_sse():
+            async for event in events:
                 try:
                     chunks = translator.feed(event.event, decode_event(event.data, self.name))
                 except ValueError as exc:

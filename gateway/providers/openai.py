@@ -39,7 +39,7 @@ class OpenAIProvider(HTTPProvider):
     ) -> AsyncIterator[Chunk]:
         upstream = {**body, "model": model, "stream_options": {"include_usage": True}}
         async with self.open_stream("/chat/completions", upstream) as events:
-            async for event in events.aiter_sse():
+            async for event in events:
                 if event.data.strip() == "[DONE]":
                     return
                 chunk = decode_event(event.data, self.name)

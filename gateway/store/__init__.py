@@ -37,6 +37,8 @@ _UNAVAILABLE = (
 # inside Store.call, so these mean a lost connection, not a bug of ours.
 _TORN_DOWN = (RuntimeError, AttributeError)
 SLOT_WAIT_SECONDS = 5.0
+TORN_DOWN_ATTEMPTS = 4
+TORN_DOWN_PAUSE_SECONDS = 0.02
 SCRIPTS = ("admit_request", "settle_request", "add_prompt_version")
 
 
@@ -100,12 +102,18 @@ class Store:
         except TimeoutError as exc:
             raise StoreUnavailable("the store is saturated: no free connection in time") from exc
         try:
-            try:
-                return await operation()
-            except _TORN_DOWN:
-                # A connection torn down mid-handshake under a burst: the command never ran
-                # or is idempotent (see topology._RETRY), so one resend on a fresh one.
-                return await operation()
+            for attempt in range(1, TORN_DOWN_ATTEMPTS + 1):
+                try:
+                    return await operation()
+                except _TORN_DOWN:
+                    # A connection torn down mid-handshake under a burst (the cluster client
+                    # closes a node's connections while others still open): the command
+                    # never ran or is idempotent (see topology._RETRY), so resend on a
+                    # fresh connection after a pause that lets the burst pass.
+                    if attempt == TORN_DOWN_ATTEMPTS:
+                        raise
+                    await asyncio.sleep(TORN_DOWN_PAUSE_SECONDS * attempt)
+            raise AssertionError("unreachable")
         except (*_UNAVAILABLE, *_TORN_DOWN) as exc:
             raise StoreUnavailable(f"the store is unavailable: {exc.__class__.__name__}") from exc
         finally:

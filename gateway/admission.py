@@ -85,7 +85,7 @@ class Gate:
         except StoreUnavailable:
             # The call may have run before its answer was lost: release that reservation
             # id (a no-op if it never ran) rather than hold the capacity for a lease.
-            self._later(Ticket(key_id, reservation_id, amount, 0, 0, 0), 0, None)
+            self.settle_later(Ticket(key_id, reservation_id, amount, 0, 0, 0), 0, None)
             raise
         status, limit, remaining, reset_ms, detail = answer[:5]
         if status == ADMITTED:
@@ -108,9 +108,11 @@ class Gate:
             await self._settle(ticket, cost, record, cache)
         except StoreUnavailable:
             log.warning("settlement of %s deferred: store unavailable", ticket.reservation_id)
-            self._later(ticket, cost, record)
+            self.settle_later(ticket, cost, record)
 
-    def _later(self, ticket: Ticket, cost: int, record: dict[str, Any] | None) -> None:
+    def settle_later(self, ticket: Ticket, cost: int, record: dict[str, Any] | None) -> None:
+        """Settle in the background, retrying while the store is away (idempotent: a
+        settlement that did land is not applied twice)."""
         task = asyncio.create_task(self._settle_later(ticket, cost, record))
         self._retries.add(task)
         task.add_done_callback(self._retries.discard)

@@ -135,7 +135,13 @@ class Completions:
         )
         body = {**done.body, "model": plan.model}
         entry = Entry(body, served.provider, done.input_tokens, done.output_tokens)
-        await asyncio.shield(self.settle_served(plan, ticket, charge, record, entry))
+        try:
+            await self.settle_served(plan, ticket, charge, record, entry)
+        except asyncio.CancelledError:
+            # Cut mid-settlement (a forced shutdown): finish it in the background, as
+            # a shield would, without a task per request when nothing is cancelled.
+            self.gate.settle_later(ticket, charge, record)
+            raise
         tokens = done.input_tokens, done.output_tokens
         return Result(body, served.provider, *tokens, charge, False, waited)
 

@@ -30,11 +30,12 @@ import pytest
 
 from gateway import config as config_module
 from gateway import keys
+from gateway import store as store_module
 from gateway.admission import Gate
 from gateway.app import create_app
 from gateway.errors import StoreUnavailable
 from gateway.keys import KeySpec, Slots
-from gateway.store import Store, topology
+from gateway.store import Store
 from tests.conftest import config_dict
 from tests.servers import RedisServer, ThreadServer, free_port, wait_until
 from tests.upstreams import Upstream, openai_upstream
@@ -621,7 +622,7 @@ async def test_timed_out_admission_is_never_reserved_twice(
     out on the client. Replaying it (same reservation id, as a retry would) reserves nothing
     more; the reservation nobody will settle comes back at the first admission after its
     lease."""
-    monkeypatch.setitem(topology.OPTIONS, "socket_timeout", 0.2)
+    monkeypatch.setattr(store_module, "COMMAND_SECONDS", 0.2)
     store = Store(lossy.url)
     gate = Gate(store, lease_ms=1000, retention_ms=86_400_000)
     client = redis_server.client()
@@ -659,7 +660,7 @@ def test_timed_out_admission_leaves_no_reservation_behind(
     admin_key: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setitem(topology.OPTIONS, "socket_timeout", 0.2)
+    monkeypatch.setattr(store_module, "COMMAND_SECONDS", 0.2)
     gateway = serve(lossy.url, upstreams, request_timeout_seconds=60)
     traffic = Traffic(gateway.url, FIGURES)
     try:

@@ -37,6 +37,7 @@ _UNAVAILABLE = (
 # inside Store.call, so these mean a lost connection, not a bug of ours.
 _TORN_DOWN = (RuntimeError, AttributeError)
 SLOT_WAIT_SECONDS = 5.0
+COMMAND_SECONDS = 5.0  # one store operation, resends included
 TORN_DOWN_ATTEMPTS = 4
 TORN_DOWN_PAUSE_SECONDS = 0.02
 SCRIPTS = ("admit_request", "settle_request", "add_prompt_version")
@@ -95,46 +96,63 @@ class Store:
         raise rexc.NoScriptError("script could not be loaded")
 
     async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis operation, waiting for a free connection slot first."""
+        """Run one Redis operation, waiting for a free connection slot first.
+
+        The operation gets COMMAND_SECONDS in all: one timer here, instead of redis-py's
+        per-command socket timeouts (a task and a timer per command on the hot path).
+        """
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout(SLOT_WAIT_SECONDS):
+                    await self._slots.acquire()
+            except TimeoutError as exc:
+                raise StoreUnavailable(
+                    "the store is saturated: no free connection in time"
+                ) from exc
+        else:
+            await self._slots.acquire()  # a free slot: taken at once, no timer needed
         try:
-            async with asyncio.timeout(SLOT_WAIT_SECONDS):
-                await self._slots.acquire()
-        except TimeoutError as exc:
-            raise StoreUnavailable("the store is saturated: no free connection in time") from exc
-        try:
-            for attempt in range(1, TORN_DOWN_ATTEMPTS + 1):
-                try:
-                    return await operation()
-                except _TORN_DOWN:
-                    # A connection torn down mid-handshake under a burst (the cluster client
-                    # closes a node's connections while others still open): the command
-                    # never ran or is idempotent (see topology._RETRY), so resend on a
-                    # fresh connection after a pause that lets the burst pass.
-                    if attempt == TORN_DOWN_ATTEMPTS:
-                        raise
-                    await asyncio.sleep(TORN_DOWN_PAUSE_SECONDS * attempt)
-            raise AssertionError("unreachable")
-        except (*_UNAVAILABLE, *_TORN_DOWN) as exc:
+            async with asyncio.timeout(COMMAND_SECONDS):
+                return await self._resending(operation)
+        except (*_UNAVAILABLE, *_TORN_DOWN) as exc:  # TimeoutError is an OSError
             raise StoreUnavailable(f"the store is unavailable: {exc.__class__.__name__}") from exc
         finally:
             self._slots.release()
 
+    async def _resending(self, operation: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(1, TORN_DOWN_ATTEMPTS):
+            try:
+                return await operation()
+            except _TORN_DOWN:
+                # A connection torn down mid-handshake under a burst (the cluster client
+                # closes a node's connections while others still open): the command never
+                # ran or is idempotent (see topology._RETRY), so resend on a fresh
+                # connection after a pause that lets the burst pass.
+                await asyncio.sleep(TORN_DOWN_PAUSE_SECONDS * attempt)
+        return await operation()
+
     async def ready(self) -> bool:
         """The store answers and every script is loaded on it."""
         try:
-            await self.redis.ping()
-            shas = [script.sha for script in self.scripts.values()]
-            loaded = await self.redis.script_exists(*shas)
-            for script, present in zip(self.scripts.values(), loaded, strict=True):
-                if not present:
-                    await self.redis.script_load(script.script)
+            async with asyncio.timeout(COMMAND_SECONDS):
+                return await self._load_scripts()
         except (*_UNAVAILABLE, rexc.ResponseError):
             return False
+
+    async def _load_scripts(self) -> bool:
+        await self.redis.ping()
+        shas = [script.sha for script in self.scripts.values()]
+        loaded = await self.redis.script_exists(*shas)
+        for script, present in zip(self.scripts.values(), loaded, strict=True):
+            if not present:
+                await self.redis.script_load(script.script)
         return True
 
     async def warn_if_evicting(self) -> None:
         try:
-            policy = (await self.redis.config_get("maxmemory-policy"))["maxmemory-policy"]
+            async with asyncio.timeout(COMMAND_SECONDS):
+                answer = await self.redis.config_get("maxmemory-policy")
+            policy = answer["maxmemory-policy"]
         except (*_UNAVAILABLE, rexc.ResponseError, KeyError):
             return
         if policy and policy != "noeviction":

@@ -35,7 +35,10 @@ _RETRY: dict[str, Any] = {
     "retry_on_error": [rexc.ConnectionError],
 }
 OPTIONS: dict[str, Any] = {
-    "socket_timeout": 5.0,
+    # No per-command socket timeout: redis-py spends a task and a timer on it per command.
+    # `Store` bounds each whole operation instead (COMMAND_SECONDS), and redis-py drops a
+    # connection whose read was cut short.
+    "socket_timeout": None,
     # Generous: under a burst the event loop itself can lag by seconds, and a connect that
     # "times out" after the server accepted it leaves a half-closed connection behind.
     "socket_connect_timeout": 10.0,

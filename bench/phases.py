@@ -34,12 +34,12 @@ class Phases:
 
     # -- servers
 
-    def start(self, workers: int = 1) -> services.Gateway:
+    def start(self, workers: int = 1, cpus: str | None = None) -> services.Gateway:
         if self.redis is None:
             self.redis = services.start_redis(self.run, self.load_cpus)
             self.upstream = services.start_nginx(self.run, self.load_cpus)
         assert self.upstream is not None
-        cpus = self.gateway_cpus if workers == 1 else None
+        cpus = cpus or (self.gateway_cpus if workers == 1 else None)
         port = self.redis.connection_pool.connection_kwargs["port"]
         self.gateway = services.start_gateway(self.run, self.upstream, port, workers, cpus)
         self.key = self.key or services.mint_key(self.gateway)
@@ -210,6 +210,24 @@ class Phases:
         self.run.stop_pid(proxy.pid)
         return "ran"
 
+    def one_core(self) -> list[dict[str, Any]]:
+        """The c=1 rows again with the gateway on the same core as everything else.
+
+        With the gateway on its own core, each of its four hops per request (client, Redis,
+        upstream, Redis) wakes an idle core, which on this virtual machine costs tens of
+        microseconds; the direct path (wrk and nginx on one core) pays none. Sharing the
+        core measures both paths alike; at c=1 nothing competes for it.
+        """
+        self.stop_gateway()
+        self.start(cpus=self.load_cpus)
+        rows = []
+        for kind in report.KINDS:
+            self.directs.pop((kind.startswith("stream"), 1), None)  # measured back to back
+            row = self.row(kind, 1)
+            rows.append(row)
+        self.stop_gateway()
+        return rows
+
     # -- everything
 
     def all(self) -> dict[str, Any]:
@@ -227,7 +245,11 @@ class Phases:
         if self.args.with_litellm:
             print("LiteLLM proxy", flush=True)
             litellm = self.litellm()
-        return self.results(redis, memory, litellm)
+        results = self.results(redis, memory, litellm)
+        if self.gateway_cpus:
+            print("c=1 with the gateway on the same core as the rest", flush=True)
+            results["one_core"] = self.one_core()
+        return results
 
     def results(
         self, redis: dict[str, Any], memory: dict[str, Any], litellm: str

@@ -17,8 +17,8 @@ from bench import procs
 PY_SPY = Path(sys.executable).parent / "py-spy"
 # Where a frame's file lives decides its share: ours, or the library it belongs to.
 PACKAGES = (
-    "gateway", "httpx", "httpcore", "h11", "anyio", "redis", "starlette", "uvicorn",
-    "pydantic", "msgpack", "orjson", "httpx_sse", "asyncio", "prometheus_client",
+    "gateway", "aiohttp", "yarl", "multidict", "redis", "starlette", "uvicorn", "pydantic",
+    "msgpack", "orjson", "asyncio", "prometheus_client", "logging",
 )  # fmt: skip
 
 

@@ -59,6 +59,19 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def one_core_table(results: dict[str, Any]) -> str:
+    if "one_core" not in results:
+        return ""
+    lines = ["", "c=1, the gateway on the same core as Redis, nginx and the load generator"]
+    lines.append(f"  {'row':<20} {'direct p50 ms':>13} {'gateway p50 ms':>14} {'+p50 ms':>8}")
+    for row in results["one_core"]:
+        lines.append(
+            f"  {KINDS[row['kind']]:<20} {row['direct']['p50_ms']:13.3f} "
+            f"{row['gateway']['p50_ms']:14.3f} {row['added_p50_ms']:8.3f}"
+        )
+    return "\n".join(lines)
+
+
 def redis_table(redis: dict[str, Any]) -> str:
     lines = ["", "Redis per completed request (round trips = commands the gateway sent)"]
     for kind, stats in redis.items():
@@ -184,6 +197,14 @@ def targets(results: dict[str, Any]) -> str:
         f"stream TTFB {stream1['added_ttfb_p50_ms']:.2f} ms, "
         f"cache hit {_row(results, 'hit', 1)['added_p50_ms']:.2f} ms"
     )
+    if "one_core" in results:
+        shared = {row["kind"]: row for row in results["one_core"]}
+        lines.append(
+            f"    the same with the gateway on the load's core: plain "
+            f"{shared['plain']['added_p50_ms']:.2f} ms, stream TTFB "
+            f"{shared['stream']['added_ttfb_p50_ms']:.2f} ms, cache hit "
+            f"{shared['hit']['added_p50_ms']:.2f} ms"
+        )
     trips = ", ".join(f"{KINDS[k]} {v['round_trips_per_request']:.2f}" for k, v in redis.items())
     lines.append(f"  Redis round trips per request (target 2, hits <= 2): {trips}")
     versus = [

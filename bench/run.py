@@ -142,6 +142,7 @@ def main() -> None:
 
 def publish(results: dict[str, Any], commit_copies: bool) -> None:
     print(report.table(results))
+    print(report.one_core_table(results))
     print(report.redis_table(results["redis"]))
     print(report.memory_table(results["memory"]))
     print(report.targets(results))

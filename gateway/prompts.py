@@ -13,6 +13,7 @@ replica at its next request.
 from __future__ import annotations
 
 import re
+import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -92,7 +93,10 @@ class Prompts:
         if len(text.encode()) > self.limits.max_template_bytes:
             raise BadRequest(f"template: over the limit of {self.limits.max_template_bytes} bytes")
         Template.parse(text)
-        version, active = await self.store.run("add_prompt_version", list(_slots(name)), [text])
+        push_id = secrets.token_hex(16)  # a resend of this push is recognised by it
+        version, active = await self.store.run(
+            "add_prompt_version", list(_slots(name)), [text, push_id]
+        )
         await self.store.call(lambda: self.store.redis.sadd(INDEX, name))
         return int(version), int(active)
 

@@ -139,3 +139,14 @@ async def test_unknown_and_wrong_hash_are_unauthorized(store: Store, gate: Gate)
     forged = raw[:-1] + ("A" if raw[-1] != "A" else "B")
     with pytest.raises(Unauthorized):
         await gate.admit(forged, "m", "r", 1)
+
+
+async def test_prompt_push_replay_adds_one_version(store: Store) -> None:
+    """A push resent with its push id (its first answer lost) gets the same version."""
+    slots = ["gw:prompt:{replay}:meta", "gw:prompt:{replay}:versions"]
+    first = await store.run("add_prompt_version", slots, ["v1 text", "push-a"])
+    again = await store.run("add_prompt_version", slots, ["v1 text", "push-a"])
+    other = await store.run("add_prompt_version", slots, ["v2 text", "push-b"])
+    assert (first, again, other) == ([1, 1], [1, 1], [2, 1])
+    assert await store.redis.hget(slots[0], "latest") == "2"
+    assert await store.redis.hlen(slots[1]) == 2

@@ -177,27 +177,12 @@ def _chat() -> Schema:
 
 
 def _admin_paths() -> dict[str, Schema]:
+    return {**_key_paths(), **_price_paths(), **_usage_paths()}
+
+
+def _key_paths() -> dict[str, Schema]:
     record = _json(_ref("KeyRecord"))
     created = _json(_obj(["key", "record"], key=_STR, record=_ref("KeyRecord")), "Created")
-    book = {"type": "object", "additionalProperties": _ref("Price")}
-    prices = _json(_obj(["prices"], prices=book))
-    price = _json({"allOf": [_obj(["model"], model=_STR), _ref("Price")]})
-    usage = _json(_obj(["records", "next"], records={"type": "array", "items": _ref("UsageRecord")},
-                       next={"type": ["string", "null"]}))  # fmt: skip
-    totals = _json(_obj(["totals"], totals={"type": "array", "items": _ref("UsageTotal")}))
-    totals_params = [
-        _query("period", "day or month", {"enum": ["day", "month"]}),
-        _query("key", "a key id (a key caller may name only its own)"),
-        _query("since", "first day or month, as YYYY-MM-DD or YYYY-MM"),
-        _query("until", "last day or month, as YYYY-MM-DD or YYYY-MM"),
-    ]
-    usage_params = [
-        _query("key", "a key id (a key caller may name only its own)"),
-        _query("since", "Unix seconds or ISO 8601"),
-        _query("until", "Unix seconds or ISO 8601"),
-        _query("limit", "1 to 1000", {"type": "integer", "minimum": 1, "maximum": 1000}),
-        _query("cursor", "the `next` of the previous page"),
-    ]
     return {
         f"{API}/keys": {
             "post": _operation("createKey", "Mint a key; the raw key is in this answer only",
@@ -216,6 +201,14 @@ def _admin_paths() -> dict[str, Schema]:
                                  ok=_json(_obj(["id", "revoked"], id=_STR, revoked=_BOOL)),
                                  parameters=_KEY_ID, errors=(401, 404, 503), security=_ADMIN_KEY),
         },
+    }  # fmt: skip
+
+
+def _price_paths() -> dict[str, Schema]:
+    book = {"type": "object", "additionalProperties": _ref("Price")}
+    prices = _json(_obj(["prices"], prices=book))
+    price = _json({"allOf": [_obj(["model"], model=_STR), _ref("Price")]})
+    return {
         f"{API}/prices": {
             "get": _operation("listPrices", "The price book", ok=prices, errors=(401, 503),
                               security=_ADMIN_KEY),
@@ -228,6 +221,27 @@ def _admin_paths() -> dict[str, Schema]:
                               example={"input_per_1k": 0.001, "output_per_1k": 0.002},
                               security=_ADMIN_KEY),
         },
+    }  # fmt: skip
+
+
+def _usage_paths() -> dict[str, Schema]:
+    usage = _json(_obj(["records", "next"], records={"type": "array", "items": _ref("UsageRecord")},
+                       next={"type": ["string", "null"]}))  # fmt: skip
+    totals = _json(_obj(["totals"], totals={"type": "array", "items": _ref("UsageTotal")}))
+    totals_params = [
+        _query("period", "day or month", {"enum": ["day", "month"]}),
+        _query("key", "a key id (a key caller may name only its own)"),
+        _query("since", "first day or month, as YYYY-MM-DD or YYYY-MM"),
+        _query("until", "last day or month, as YYYY-MM-DD or YYYY-MM"),
+    ]
+    usage_params = [
+        _query("key", "a key id (a key caller may name only its own)"),
+        _query("since", "Unix seconds or ISO 8601"),
+        _query("until", "Unix seconds or ISO 8601"),
+        _query("limit", "1 to 1000", {"type": "integer", "minimum": 1, "maximum": 1000}),
+        _query("cursor", "the `next` of the previous page"),
+    ]
+    return {
         f"{API}/usage": {
             "get": _operation("listUsage", "Usage records, newest first", ok=usage,
                               parameters=usage_params, errors=(400, 401, 403, 503),

@@ -1,3 +1,5 @@
+"""Translation to and from the Anthropic Messages API: requests, answers, streams."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -7,11 +9,8 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from gateway.errors import BadRequest
-from gateway.providers.anthropic_translate import (
-    StreamTranslator,
-    to_chat_completion,
-    to_messages_request,
-)
+from gateway.providers.anthropic_request import to_messages_request
+from gateway.providers.anthropic_translate import StreamTranslator, to_chat_completion
 
 Json = dict[str, Any]
 

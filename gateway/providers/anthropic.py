@@ -6,11 +6,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from gateway.errors import ProviderFailure
-from gateway.providers.anthropic_translate import (
-    StreamTranslator,
-    to_chat_completion,
-    to_messages_request,
-)
+from gateway.providers.anthropic_request import to_messages_request
+from gateway.providers.anthropic_translate import StreamTranslator, to_chat_completion
 from gateway.providers.base import (
     Chunk,
     Completion,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import tempfile
 
 import orjson
@@ -20,14 +21,25 @@ from gateway.store.embedded import EmbeddedServer
 log = logging.getLogger(__name__)
 
 
-def _fresh_metrics_dir() -> None:
-    """Where workers write Prometheus samples; emptied so a restart starts from zero."""
+class Stopped(Exception):
+    """SIGTERM or SIGINT: uvicorn raises the signal again once it has shut down gracefully."""
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+def _fresh_metrics_dir() -> str | None:
+    """Where workers write Prometheus samples, emptied so a restart starts from zero; the
+    folder made here when none was named, for removal at the end."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder, exist_ok=True)
-    else:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+        return None
+    made = tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    return made
 
 
 def _check_url(name: str) -> None:
@@ -84,16 +96,20 @@ def serve(host: str, port: int, workers: int, config_path: str | None) -> None:
     config = config_module.load()  # refuse a bad config before anything starts
     for name in ("GATEWAY_REDIS_URL", "GATEWAY_CACHE_REDIS_URL"):
         _check_url(name)
-    embedded = None
-    if not os.environ.get("GATEWAY_REDIS_URL"):
-        embedded = EmbeddedServer(data_dir())
-        try:
-            os.environ["GATEWAY_REDIS_URL"] = embedded.start()
-        except (OSError, RuntimeError) as exc:
-            raise ConfigError(f"GATEWAY_DATA_DIR: {exc}") from exc
-    _fresh_metrics_dir()
-    log.info("gateway listening on http://%s:%d with %d worker(s)", host, port, workers)
+    # A stop signal before uvicorn takes over, or the one it raises again after its
+    # graceful shutdown, ends up here as Stopped: the store and the metrics folder are
+    # cleaned up and the process exits 0.
+    previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
+    embedded, metrics_dir = None, None
     try:
+        if not os.environ.get("GATEWAY_REDIS_URL"):
+            embedded = EmbeddedServer(data_dir())
+            try:
+                os.environ["GATEWAY_REDIS_URL"] = embedded.start()
+            except (OSError, RuntimeError) as exc:
+                raise ConfigError(f"GATEWAY_DATA_DIR: {exc}") from exc
+        metrics_dir = _fresh_metrics_dir()
+        log.info("gateway listening on http://%s:%d with %d worker(s)", host, port, workers)
         uvicorn.run(
             "gateway.app:create_app",
             factory=True,
@@ -105,6 +121,13 @@ def serve(host: str, port: int, workers: int, config_path: str | None) -> None:
             log_level="warning",
             timeout_graceful_shutdown=int(config.limits.request_timeout_seconds),
         )
+    except Stopped:
+        pass  # the graceful shutdown is done; clean up below and exit 0
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if embedded is not None:
             embedded.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    log.info("gateway stopped")

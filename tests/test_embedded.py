@@ -75,6 +75,21 @@ def test_embedded_store_dies_with_the_gateway(tmp_path: Path, clean_env: None) -
     assert all(not _alive(pid) for pid in pid_of_store)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_stops_cleanly(tmp_path: Path, clean_env: None, workers: int) -> None:
+    """Exit status 0 after the graceful shutdown, the store stopped by the gateway (not
+    left to die with it), no metrics folder left behind."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    gateway = GatewayProcess(None, {"TMPDIR": str(temp)}, workers=workers, cwd=tmp_path).start()
+    assert [p.name[:16] for p in temp.iterdir()] == ["gateway-metrics-"]
+    log = gateway.stop()
+    assert gateway.process is not None and gateway.process.returncode == 0, log
+    assert "gateway stopped" in log
+    assert not _store_pids(tmp_path) and not (tmp_path / "gateway-data" / "store.sock").exists()
+    assert list(temp.iterdir()) == []
+
+
 def _store_pids(data_root: Path) -> list[int]:
     marker = str(data_root / "gateway-data")
     pids = []

@@ -171,6 +171,8 @@ def _transport_reason(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return "connection refused"
+    if isinstance(exc, aiohttp.ClientConnectionError):  # reset, or closed mid-answer
+        return f"connection lost: {exc.__class__.__name__}"
     return f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
 
 

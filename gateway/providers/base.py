@@ -74,6 +74,7 @@ class HTTPProvider:
             total=None, sock_connect=min(seconds, 10), sock_read=seconds
         )
         self._session: aiohttp.ClientSession | None = None
+        self.request_headers = self.headers()  # the same on every call: built once
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -86,7 +87,7 @@ class HTTPProvider:
     async def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
             async with self.session.post(
-                self.base_url + path, data=orjson.dumps(body), headers=self.headers()
+                self.base_url + path, data=orjson.dumps(body), headers=self.request_headers
             ) as response:
                 status, content = response.status, await response.read()
         except _TRANSPORT as exc:
@@ -104,7 +105,7 @@ class HTTPProvider:
     async def open_stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[Events]:
         try:
             response = await self.session.post(
-                self.base_url + path, data=orjson.dumps(body), headers=self.headers()
+                self.base_url + path, data=orjson.dumps(body), headers=self.request_headers
             )
         except _TRANSPORT as exc:
             raise ProviderFailure(self.name, _transport_reason(exc)) from exc

@@ -241,8 +241,9 @@ class Relay:
                     if shown is not None:
                         yield sse(shown)
         except (ProviderFailure, TimeoutError) as exc:
-            log.warning("stream from %s cut: %s", self.provider, exc)
-            message = f"upstream stream failed: {exc}"
+            reason = "the request timeout passed" if isinstance(exc, TimeoutError) else exc
+            log.warning("stream from %s cut: %s", self.provider, reason)
+            message = f"upstream stream failed: {reason}"
             error = {"message": message, "type": "upstream_error", "code": "stream_interrupted"}
             yield sse({"error": error})
             return
@@ -277,8 +278,11 @@ class Relay:
         )
         entry = None
         if self.complete:
-            body = {**self.assembler.completion(), "model": self.plan.model}
-            entry = Entry(body, self.provider, input_tokens, output_tokens)
+            try:
+                body = {**self.assembler.completion(), "model": self.plan.model}
+                entry = Entry(body, self.provider, input_tokens, output_tokens)
+            except Exception:  # settlement must happen; an unassemblable stream is not cached
+                log.exception("stream from %s could not be assembled for the cache", self.provider)
         await self.owner.settle_served(self.plan, self.ticket, self.cost, record, entry)
 
     def _used(self) -> tuple[int, int]:

@@ -86,11 +86,17 @@ class RequestTimeout(GatewayError):
     type = "invalid_request_error"
     code = "request_timeout"
 
+    def headers(self) -> dict[str, str]:
+        return {"connection": "close"}  # the rest of a slow body must not hold the connection
+
 
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+    def headers(self) -> dict[str, str]:
+        return {"connection": "close"}  # nor the rest of a body too large to read
 
 
 class RateLimited(GatewayError):

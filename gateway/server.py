@@ -114,6 +114,7 @@ def serve(host: str, port: int, workers: int, config_path: str | None) -> None:
             "gateway.app:create_app",
             factory=True,
             http=http_protocol.protocol(config.limits),
+            ws="none",  # no WebSocket endpoint: an upgrade request is served as plain HTTP
             host=host,
             port=port,
             workers=workers,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -17,6 +18,8 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
 
@@ -128,6 +131,10 @@ class EventStream:
             headers, self.events = await self.start()
         except GatewayError as exc:
             await _send_error(send, exc)
+            return
+        except Exception:
+            log.exception("opening a stream failed")
+            await _send_error(send, GatewayError("internal error"))
             return
         raw = [(k.encode(), v.encode()) for k, v in headers.items()]
         raw += [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]

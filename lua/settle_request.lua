@@ -23,6 +23,12 @@
 local request_id, cost = ARGV[1], tonumber(ARGV[2])
 local record, retention_ms, mark_ms = ARGV[3] == '1', tonumber(ARGV[4]), tonumber(ARGV[5])
 
+-- Checked before anything is written: a script that fails midway keeps its first writes.
+local function countable(n) return n and n >= 0 and n <= 2^53 and n == math.floor(n) end
+if not (countable(cost) and countable(tonumber(ARGV[7])) and countable(tonumber(ARGV[8]))) then
+  return redis.error_reply('settle_request: cost and tokens must be whole numbers from 0 to 2^53')
+end
+
 local held = redis.call('HGET', KEYS[2], request_id)
 if held == 's' then return {0, ''} end
 

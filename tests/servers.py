@@ -114,6 +114,7 @@ class ThreadServer:
             log_level="warning",
             lifespan="on",
             http=http_protocol.protocol(limits or LimitsConfig()),  # as `gateway serve` runs
+            ws="none",
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -131,6 +131,7 @@ class Traffic:
     url: str
     figures: Figures
     answers: list[Answer] = field(default_factory=list)
+    http: httpx.Client = field(default_factory=lambda: HTTP)
 
     def complete(
         self,
@@ -152,7 +153,7 @@ class Traffic:
             if stream:
                 answer = self._stream(body, headers, timeout)
             else:
-                response = HTTP.post(
+                response = self.http.post(
                     self.url + "/v1/chat/completions", json=body, headers=headers, timeout=timeout
                 )
                 answer = (response.status_code, _json(response), dict(response.headers))
@@ -173,7 +174,7 @@ class Traffic:
     def _stream(
         self, body: dict[str, Any], headers: dict[str, str], timeout: float
     ) -> tuple[int, Any, dict[str, str]]:
-        with HTTP.stream(
+        with self.http.stream(
             "POST",
             self.url + "/v1/chat/completions",
             json=body,

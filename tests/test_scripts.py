@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis import exceptions as redis_exceptions
 
 from gateway import keys
 from gateway.admission import Gate
@@ -150,3 +151,21 @@ async def test_prompt_push_replay_adds_one_version(store: Store) -> None:
     assert (first, again, other) == ([1, 1], [1, 1], [2, 1])
     assert await store.redis.hget(slots[0], "latest") == "2"
     assert await store.redis.hlen(slots[1]) == 2
+
+
+@pytest.mark.parametrize(
+    ("cost", "tokens"), [(-5, 1), (10**20, 1), (5, -1), (5, 10**20), (5, "1.5")]
+)
+async def test_settlement_refuses_bad_amounts_before_writing(
+    store: Store, gate: Gate, cost: int, tokens: object
+) -> None:
+    """The script checks its numbers first: a bad one changes nothing, not half the books."""
+    raw, key_id = await new_key(store)
+    ticket = await gate.admit(raw, "m", "bad-amounts", 1000)
+    slots = Slots.of(key_id)
+    before = await store.redis.hgetall(slots.spend), await store.redis.hgetall(slots.resv)
+    record = {"model": "m", "input_tokens": tokens, "output_tokens": 1}
+    with pytest.raises(redis_exceptions.ResponseError, match="whole numbers"):
+        await gate._settle(ticket, cost, record)
+    after = await store.redis.hgetall(slots.spend), await store.redis.hgetall(slots.resv)
+    assert after == before and await store.redis.xlen(slots.usage) == 0

@@ -7,6 +7,7 @@ import ast
 import contextlib
 import inspect
 import json
+import re
 import socket
 import textwrap
 import time
@@ -566,6 +567,7 @@ def _answer_json(answer: bytes) -> Any:
         ("one-huge-header", 431),
         ("many-headers", 431),
         ("head-just-under-the-limit", 200),
+        ("head-just-over-the-limit", 431),
     ],
 )
 def test_oversized_headers_are_refused(
@@ -578,8 +580,10 @@ def test_oversized_headers_are_refused(
         extra = b"X-Big: " + b"a" * 1_048_576 + b"\r\n"
     elif shape == "many-headers":
         extra = b"".join(b"X-H%d: v\r\n" % i for i in range(100_000))
-    else:
+    elif shape == "head-just-under-the-limit":
         extra = b"X-Big: " + b"a" * (HEAD_LIMIT - 1024) + b"\r\n"
+    else:  # over by a few bytes, all in one write
+        extra = b"X-Big: " + b"a" * HEAD_LIMIT + b"\r\n"
     body = json.dumps({**CHAT, "model": "mock-echo"}).encode()
     head = _head("/v1/chat/completions", key, len(body))
     answer_status, answer, _ = _raw_request(
@@ -629,3 +633,51 @@ def test_malformed_http_gets_the_json_error_body(
     assert status == 400, answer[:300]
     error = _answer_json(answer)["error"]
     assert error["type"] == "invalid_request_error" and "malformed HTTP" in error["message"]
+
+
+def test_slow_body_408_closes_a_keep_alive_connection(
+    gateway_url: str, mint: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a 408 for a body that dawdles, the rest of it must not hold the connection."""
+    monkeypatch.setattr(http_module, "BODY_SECONDS", 1)
+    key, _ = mint()
+    head = _head("/v1/chat/completions", key, 100_000).replace(b"Connection: close\r\n", b"")
+    port = int(gateway_url.rsplit(":", 1)[1])
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head + b'{"model": ')
+        answer = _read_answer(sock)
+        for _ in range(10):  # keep trickling: a connection left open would never end
+            with contextlib.suppress(OSError):
+                sock.sendall(b" ")
+            time.sleep(0.1)
+        with contextlib.suppress(OSError):
+            closed = sock.recv(1) == b""
+    FIGURES.requests_sent += 1
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
+    assert b"connection: close" in answer.lower()
+    assert closed and time.monotonic() - started < 4
+
+
+def test_a_body_after_an_early_answer_is_not_counted_as_a_head(
+    served: tuple[GatewayProcess, str],
+) -> None:
+    """A request answered before its body is read (401 here) leaves the body to arrive;
+    those bytes are body, never the next request's head."""
+    gateway, key = served
+    big = json.dumps({**CHAT, "model": "mock-echo", "pad": "x" * (HEAD_LIMIT * 8)}).encode()
+    first = _head("/v1/chat/completions", "sk-gw-wrong", len(big)).replace(
+        b"Connection: close\r\n", b""
+    )
+    second = json.dumps({**CHAT, "model": "mock-echo"}).encode()
+    then = _head("/v1/chat/completions", key, len(second))
+    port = int(gateway.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(first + big + then + second)
+        answers = b""
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answers += chunk
+    FIGURES.requests_sent += 2
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answers)]
+    assert statuses == [401, 200], answers[:600]

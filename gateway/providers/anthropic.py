@@ -52,7 +52,7 @@ class AnthropicProvider(HTTPProvider):
                 usage.input_tokens = translator.input_tokens
                 usage.output_tokens = translator.output_tokens
                 for chunk in chunks:
-                    count(chunk, usage)
+                    count(chunk, usage, self.name)
                     yield chunk
                 if translator.done:
                     yield translator.usage_chunk()

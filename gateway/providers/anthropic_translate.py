@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import orjson
 
 _T = TypeVar("_T")
+MAX_TOKENS = 10**9  # far above any real request; more is a broken or hostile answer
 Json = dict[str, Any]
 
 FINISH_REASONS = {
@@ -89,7 +90,11 @@ def _input_tokens(usage: Json) -> int:
 
 def _count(usage: Json, key: str) -> int:
     value = usage.get(key)
-    return 0 if value is None else _require(value, int, f"usage.{key}")
+    if value is None:
+        return 0
+    if not 0 <= _require(value, int, f"usage.{key}") <= MAX_TOKENS:
+        raise ValueError(f"usage.{key}: {value} is not a token count")
+    return int(value)
 
 
 def _require(value: object, kind: type[_T], where: str) -> _T:

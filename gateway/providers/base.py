@@ -80,14 +80,19 @@ class HTTPProvider:
     def session(self) -> aiohttp.ClientSession:
         """Made on first use: an aiohttp session belongs to the running event loop."""
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=1000, keepalive_timeout=30)
+            # Idle connections are dropped after 5 s, sooner than most servers drop them:
+            # a request sent on a connection the server is closing fails its route.
+            connector = aiohttp.TCPConnector(limit=1000, keepalive_timeout=5)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
         return self._session
 
     async def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
             async with self.session.post(
-                self.base_url + path, data=orjson.dumps(body), headers=self.request_headers
+                self.base_url + path,
+                data=orjson.dumps(body),
+                headers=self.request_headers,
+                allow_redirects=False,  # a redirect must not carry the key elsewhere
             ) as response:
                 status, content = response.status, await response.read()
         except _TRANSPORT as exc:
@@ -105,7 +110,10 @@ class HTTPProvider:
     async def open_stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[Events]:
         try:
             response = await self.session.post(
-                self.base_url + path, data=orjson.dumps(body), headers=self.request_headers
+                self.base_url + path,
+                data=orjson.dumps(body),
+                headers=self.request_headers,
+                allow_redirects=False,  # a redirect must not carry the key elsewhere
             )
         except _TRANSPORT as exc:
             raise ProviderFailure(self.name, _transport_reason(exc)) from exc
@@ -153,18 +161,73 @@ def decode_event(data: str, provider: str) -> dict[str, Any]:
     return event
 
 
-def count(chunk: Chunk, usage: StreamUsage) -> None:
-    """Track a streamed chunk: reported usage, and output bytes as the fallback bound."""
+MAX_TOKENS = 10**9  # far above any real request; more is a broken or hostile answer
+
+
+def tokens(value: object, provider: str) -> int:
+    """A token count from a provider's answer; anything but a sane count fails the route
+    (it would otherwise reach the books)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= MAX_TOKENS
+        or value != int(value)
+    ):
+        raise ProviderFailure(provider, f"unparseable answer: {value!r} is not a token count")
+    return int(value)
+
+
+def count(chunk: Chunk, usage: StreamUsage, provider: str) -> None:
+    """Check a streamed chunk's shape and track it: reported usage, and output bytes as the
+    fallback bound. A chunk of the wrong shape fails the route."""
     reported = chunk.get("usage")
     if isinstance(reported, dict):
-        usage.input_tokens = int(reported.get("prompt_tokens", 0))
-        usage.output_tokens = int(reported.get("completion_tokens", 0))
-    for choice in chunk.get("choices") or ():
-        delta = choice.get("delta") or {}
-        usage.output_bytes += len((delta.get("content") or "").encode())
-        for call in delta.get("tool_calls") or ():
+        usage.input_tokens = tokens(reported.get("prompt_tokens", 0), provider)
+        usage.output_tokens = tokens(reported.get("completion_tokens", 0), provider)
+    elif reported is not None:
+        raise ProviderFailure(provider, "unparseable stream chunk: usage")
+    choices = chunk.get("choices")
+    if choices is None:
+        return
+    if not isinstance(choices, list):
+        raise ProviderFailure(provider, "unparseable stream chunk: choices")
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(choice, dict) or not isinstance(delta, dict | None):
+            raise ProviderFailure(provider, "unparseable stream chunk: choice")
+        if not _well_formed_choice(choice, delta or {}):
+            raise ProviderFailure(provider, "unparseable stream chunk: choice")
+        usage.output_bytes += len(((delta or {}).get("content") or "").encode())
+        for call in (delta or {}).get("tool_calls") or ():
             arguments = (call.get("function") or {}).get("arguments") or ""
             usage.output_bytes += len(arguments.encode())
+
+
+def _well_formed_choice(choice: dict[str, Any], delta: dict[str, Any]) -> bool:
+    index, finish = choice.get("index", 0), choice.get("finish_reason")
+    if not _is_index(index) or not isinstance(finish, str | None):
+        return False
+    if not isinstance(delta.get("content"), str | None):
+        return False
+    calls = delta.get("tool_calls")
+    if calls is None:
+        return True
+    if not isinstance(calls, list):
+        return False
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(call, dict) or not isinstance(function, dict | None):
+            return False
+        fields = (call.get("id"), *((function or {}).get(n) for n in ("name", "arguments")))
+        if not _is_index(call.get("index", 0)) or not all(
+            isinstance(f, str | None) for f in fields
+        ):
+            return False
+    return True
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1024
 
 
 def _transport_reason(exc: BaseException) -> str:
@@ -174,7 +237,10 @@ def _transport_reason(exc: BaseException) -> str:
         return "connection refused"
     if isinstance(exc, aiohttp.ClientConnectionError):  # reset, or closed mid-answer
         return f"connection lost: {exc.__class__.__name__}"
-    return f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+    if isinstance(exc, SSEError):
+        return f"unreadable event stream: {exc}"
+    # aiohttp's messages name the upstream's URL, which clients must not see.
+    return exc.__class__.__name__
 
 
 def _error_message(content: bytes) -> str:

@@ -13,6 +13,7 @@ from gateway.providers.base import (
     StreamUsage,
     count,
     decode_event,
+    tokens,
 )
 
 
@@ -25,19 +26,19 @@ class OpenAIProvider(HTTPProvider):
 
     async def complete(self, body: dict[str, Any], model: str) -> Completion:
         answer = await self.post_json("/chat/completions", {**body, "model": model})
-        try:
-            usage = answer["usage"]
-            if not isinstance(answer["choices"], list) or not answer["choices"]:
-                raise TypeError("no choices")
-            tokens = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProviderFailure(self.name, "unparseable answer") from exc
-        return Completion(answer, *tokens)
+        usage, choices = answer.get("usage"), answer.get("choices")
+        if not isinstance(usage, dict) or not isinstance(choices, list) or not choices:
+            raise ProviderFailure(self.name, "unparseable answer")
+        if not all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices):
+            raise ProviderFailure(self.name, "unparseable answer: choices")
+        input_tokens = tokens(usage.get("prompt_tokens"), self.name)
+        return Completion(answer, input_tokens, tokens(usage.get("completion_tokens"), self.name))
 
     async def stream(
         self, body: dict[str, Any], model: str, usage: StreamUsage
     ) -> AsyncIterator[Chunk]:
         upstream = {**body, "model": model, "stream_options": {"include_usage": True}}
+        finished = False
         async with self.open_stream("/chat/completions", upstream) as events:
             async for event in events:
                 if event.data.strip() == "[DONE]":
@@ -45,5 +46,12 @@ class OpenAIProvider(HTTPProvider):
                 chunk = decode_event(event.data, self.name)
                 if "error" in chunk:
                     raise ProviderFailure(self.name, f"stream error: {chunk['error']}")
-                count(chunk, usage)
+                count(chunk, usage, self.name)
+                finished = finished or any(
+                    c.get("finish_reason") for c in chunk.get("choices") or ()
+                )
                 yield chunk
+        # A body that ends with no [DONE] and no finish_reason was cut: not a whole answer,
+        # and never one to cache.
+        if not finished:
+            raise ProviderFailure(self.name, "stream ended before [DONE]")

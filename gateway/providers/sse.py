@@ -36,7 +36,7 @@ Events = AsyncIterator[Event]
 async def server_sent_events(body: StreamReader) -> Events:
     """Every event of `body`, in order, until it ends (a last event without its blank line
     is dropped, as the standard says)."""
-    name, data = "", list[str]()
+    name, data, first = "", list[str](), True
     while True:
         try:
             raw = await body.readline(max_line_length=MAX_LINE_BYTES)
@@ -48,6 +48,8 @@ async def server_sent_events(body: StreamReader) -> Events:
             line = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as exc:
             raise SSEError("an event-stream line is not UTF-8") from exc
+        if first:
+            line, first = line.removeprefix("\ufeff"), False  # a byte order mark may lead
         if not line:
             if data:
                 yield Event(name or "message", "\n".join(data))

@@ -681,3 +681,21 @@ def test_a_body_after_an_early_answer_is_not_counted_as_a_head(
     FIGURES.requests_sent += 2
     statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answers)]
     assert statuses == [401, 200], answers[:600]
+
+
+def test_websocket_upgrade_is_served_as_plain_http(served: tuple[GatewayProcess, str]) -> None:
+    """No endpoint speaks WebSocket: an upgrade request gets the JSON answer of plain HTTP."""
+    gateway, _ = served
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={**CHAT, "model": "mock-echo"},
+        headers={
+            "connection": "upgrade",
+            "upgrade": "websocket",
+            "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "sec-websocket-version": "13",
+        },
+    )
+    FIGURES.requests_sent += 1
+    assert response.status_code == 401
+    assert_error_body(response.json())

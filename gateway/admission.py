@@ -28,11 +28,13 @@ from gateway.store import Store
 log = logging.getLogger(__name__)
 
 ADMITTED, UNKNOWN, REVOKED, NOT_ALLOWED, RATE_LIMITED, MONTHLY_CAP, HARD_CAP = range(7)
-# A settled request id is remembered this long, so a retried settlement is a no-op. It must
-# outlive the retries below (about 48 s); it also bounds a key's bookkeeping in Redis to
-# its request rate times this.
+# A settled request id is remembered this long, so a retried settlement is a no-op. A
+# retry can only follow an attempt that may have landed by the next delay below plus one
+# store operation (30 + 5 s at most), and an attempt that answers ends the retries, so
+# the mark need only outlive that gap. It bounds a key's bookkeeping in Redis to its
+# request rate times this.
 _SETTLE_RETRY_SECONDS = (0.05, 0.2, 1.0, 2.0, 5.0, 10.0, 30.0)
-SETTLED_MARK_MS = 120 * 1000
+SETTLED_MARK_MS = 60 * 1000
 
 
 @dataclass(frozen=True, slots=True)

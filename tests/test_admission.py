@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from gateway import admission
+from gateway import store as store_module
 from tests.conftest import UPSTREAM_KEYS, config_dict, write_config
 from tests.servers import GatewayProcess, RedisServer
 from tests.upstreams import Upstream
@@ -132,3 +134,10 @@ async def test_monthly_cap_holds_across_two_workers(
     settled = int(redis_server.client().hget(f"gw:{{{key_id}}}:spend", "total"))
     assert settled == sum(r["cost_nano"] for r in records) == 10 * REQUEST_COST_NANO
     assert {r["provider"] for r in records} == {"openai"}
+
+
+def test_settled_marks_outlive_the_longest_gap_between_settlement_attempts() -> None:
+    """A retry follows an attempt that may have landed by at most the next delay plus one
+    store operation; the mark of a landed attempt must still be there for it."""
+    gap = max(admission._SETTLE_RETRY_SECONDS) + store_module.COMMAND_SECONDS
+    assert gap < admission.SETTLED_MARK_MS / 1000

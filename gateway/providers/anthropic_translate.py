@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 
 import orjson
 
+from gateway.providers.base import MAX_TOKENS
+
 _T = TypeVar("_T")
-MAX_TOKENS = 10**9  # far above any real request; more is a broken or hostile answer
 Json = dict[str, Any]
 
 FINISH_REASONS = {

@@ -180,50 +180,51 @@ def tokens(value: object, provider: str) -> int:
 def count(chunk: Chunk, usage: StreamUsage, provider: str) -> None:
     """Check a streamed chunk's shape and track it: reported usage, and output bytes as the
     fallback bound. A chunk of the wrong shape fails the route."""
+    if not _well_formed(chunk):
+        raise ProviderFailure(provider, "unparseable stream chunk")
     reported = chunk.get("usage")
-    if isinstance(reported, dict):
+    if reported is not None:
         usage.input_tokens = tokens(reported.get("prompt_tokens", 0), provider)
         usage.output_tokens = tokens(reported.get("completion_tokens", 0), provider)
-    elif reported is not None:
-        raise ProviderFailure(provider, "unparseable stream chunk: usage")
-    choices = chunk.get("choices")
-    if choices is None:
-        return
-    if not isinstance(choices, list):
-        raise ProviderFailure(provider, "unparseable stream chunk: choices")
-    for choice in choices:
-        delta = choice.get("delta") if isinstance(choice, dict) else None
-        if not isinstance(choice, dict) or not isinstance(delta, dict | None):
-            raise ProviderFailure(provider, "unparseable stream chunk: choice")
-        if not _well_formed_choice(choice, delta or {}):
-            raise ProviderFailure(provider, "unparseable stream chunk: choice")
-        usage.output_bytes += len(((delta or {}).get("content") or "").encode())
-        for call in (delta or {}).get("tool_calls") or ():
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        usage.output_bytes += len((delta.get("content") or "").encode())
+        for call in delta.get("tool_calls") or ():
             arguments = (call.get("function") or {}).get("arguments") or ""
             usage.output_bytes += len(arguments.encode())
 
 
-def _well_formed_choice(choice: dict[str, Any], delta: dict[str, Any]) -> bool:
-    index, finish = choice.get("index", 0), choice.get("finish_reason")
-    if not _is_index(index) or not isinstance(finish, str | None):
+def _well_formed(chunk: Chunk) -> bool:
+    """The parts of a chunk the gateway reads have the types the OpenAI format gives them."""
+    choices = chunk.get("choices")
+    if not isinstance(chunk.get("usage"), dict | None) or not isinstance(choices, list | None):
         return False
-    if not isinstance(delta.get("content"), str | None):
+    return all(_well_formed_choice(choice) for choice in choices or ())
+
+
+def _well_formed_choice(choice: object) -> bool:
+    if not isinstance(choice, dict):
         return False
+    delta = choice.get("delta")
+    if not isinstance(delta, dict | None) or not _is_index(choice.get("index", 0)):
+        return False
+    if not isinstance(choice.get("finish_reason"), str | None):
+        return False
+    delta = delta or {}
     calls = delta.get("tool_calls")
-    if calls is None:
-        return True
-    if not isinstance(calls, list):
+    if not isinstance(delta.get("content"), str | None) or not isinstance(calls, list | None):
         return False
-    for call in calls:
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(call, dict) or not isinstance(function, dict | None):
-            return False
-        fields = (call.get("id"), *((function or {}).get(n) for n in ("name", "arguments")))
-        if not _is_index(call.get("index", 0)) or not all(
-            isinstance(f, str | None) for f in fields
-        ):
-            return False
-    return True
+    return all(_well_formed_call(call) for call in calls or ())
+
+
+def _well_formed_call(call: object) -> bool:
+    if not isinstance(call, dict):
+        return False
+    function = call.get("function")
+    if not isinstance(function, dict | None) or not _is_index(call.get("index", 0)):
+        return False
+    fields = (call.get("id"), *((function or {}).get(n) for n in ("name", "arguments")))
+    return all(isinstance(field, str | None) for field in fields)
 
 
 def _is_index(value: object) -> bool:

@@ -151,7 +151,54 @@ def test_revoked_key_is_401_at_next_request(
     assert admin.delete(f"/keys/{key_id}").status_code == 200
     response = send(gateway_url, key, dumps({**GOOD, "seed": 1}))
     assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
+    assert response.json()["error"]["code"] == "invalid_api_key"
     assert spend_state(redis_server, key_id) == before
+
+
+SECRET_TEMPLATE = "Customer tier: {{internal_tier}}; account {{account_number}}"
+STRANGERS_BODIES = [
+    pytest.param(b"{not json", id="malformed-json"),
+    pytest.param(dumps({"messages": GOOD["messages"]}), id="missing-model"),
+    pytest.param(dumps({**GOOD, "model": "no-such-model"}), id="unknown-model"),
+    pytest.param(dumps({**GOOD, "max_tokens": -1}), id="negative-max-tokens"),
+    pytest.param(dumps({**GOOD, "prompt": {"name": "unpushed"}}), id="unknown-prompt"),
+    pytest.param(dumps({**GOOD, "prompt": {"name": "internal"}}), id="prompt-missing-vars"),
+    pytest.param(
+        dumps({**GOOD, "prompt": {"name": "internal", "version": 9}}), id="unknown-version"
+    ),
+]
+
+
+@pytest.mark.parametrize("stranger", ["unknown", "revoked"])
+@pytest.mark.parametrize("content", STRANGERS_BODIES)
+def test_a_bad_key_hears_401_before_anything_about_its_body(
+    gateway_url: str, mint: Any, admin: httpx.Client, stranger: str, content: bytes
+) -> None:
+    assert admin.post("/prompts/internal", json={"template": SECRET_TEMPLATE}).status_code == 201
+    key, key_id = mint()
+    if stranger == "revoked":
+        assert admin.delete(f"/keys/{key_id}").status_code == 200
+    else:
+        key = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
+    response = send(gateway_url, key, content)
+    assert response.status_code == 401, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
+    for told in ("internal_tier", "account_number", "unpushed", "internal", "no-such-model"):
+        assert told not in response.text
+
+
+def test_a_good_key_still_hears_what_is_wrong_with_its_body(
+    gateway_url: str, mint: Any, admin: httpx.Client
+) -> None:
+    assert admin.post("/prompts/internal", json={"template": SECRET_TEMPLATE}).status_code == 201
+    key, _ = mint()
+    missing = send(gateway_url, key, dumps({**GOOD, "prompt": {"name": "internal"}}))
+    assert missing.status_code == 400
+    assert "internal_tier" in missing.text and "account_number" in missing.text
+    assert send(gateway_url, key, b"{not json").status_code == 400
+    assert send(gateway_url, key, dumps({**GOOD, "model": "no-such-model"})).status_code == 404
 
 
 def test_hard_cap_is_402(gateway_url: str, mint: Any, redis_server: RedisServer) -> None:

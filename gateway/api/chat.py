@@ -13,6 +13,7 @@ from gateway.admission import Ticket
 from gateway.api.http import JSON, bearer, read_body
 from gateway.cache import Entry, directives
 from gateway.completions import Relay, Result
+from gateway.errors import GatewayError
 from gateway.gateway import Gateway
 from gateway.money import to_usd
 from gateway.plan import Plan
@@ -82,15 +83,30 @@ async def _plan(request: Request, gateway: Gateway, *, native: bool = False) -> 
     raw_key = bearer(request)
     key_id, _ = keys.identify(raw_key)
     _note(request, key=key_id)
+    # A valid request's key is checked by admission, in the same script call as everything
+    # else. Before that, a key is looked up on its own only when something would otherwise
+    # be told to whoever sent it: a fault in its body, or a stored prompt.
+    known = False
     declared = request.headers.get("content-length", "")
     if not declared.isdigit() or int(declared) > PARSE_BEFORE_AUTH_BYTES:
         # Parsing a large body costs more than a key lookup: an unknown key is refused first.
         await keys.authenticate(gateway.store, raw_key)
-    body = decode(await read_body(request, gateway.config.limits.max_body_bytes))
-    if native:
-        check(NativeRequest, body)
-    cache_control = directives(request.headers.get("cache-control"))
-    plan = await gateway.completions.plan(body, key_id, cache_control, request.state.request_id)
+        known = True
+    try:
+        body = decode(await read_body(request, gateway.config.limits.max_body_bytes))
+        if native:
+            check(NativeRequest, body)
+        if not known and isinstance(body, dict) and "prompt" in body:
+            await keys.authenticate(gateway.store, raw_key)  # templates are not for strangers
+            known = True
+        cache_control = directives(request.headers.get("cache-control"))
+        plan = await gateway.completions.plan(
+            body, key_id, cache_control, request.state.request_id
+        )
+    except GatewayError:
+        if not known:  # an unknown or revoked key hears 401, not what was wrong with its body
+            await keys.authenticate(gateway.store, raw_key)
+        raise
     _note(request, model=plan.model)
     return raw_key, plan
 

@@ -7,9 +7,11 @@ import os
 import shutil
 import signal
 import tempfile
+from typing import Any
 
 import orjson
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from gateway import config as config_module
 from gateway import http_protocol
@@ -27,6 +29,35 @@ class Stopped(Exception):
 
 def _stopped(signum: int, frame: object) -> None:
     raise Stopped(signal.Signals(signum).name)
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's worker supervisor, closing its own copy of the listening socket on a stop
+    signal. uvicorn's keeps it open until it exits, so for the whole drain the kernel
+    completes handshakes no worker accepts and resets them at the end: a balancer has
+    already sent its request on such a connection and will not pass it to another replica.
+    Closed, the port refuses as soon as the workers close theirs."""
+
+    def handle_term(self) -> None:
+        self._stop_listening()
+        super().handle_term()
+
+    def handle_int(self) -> None:
+        self._stop_listening()
+        super().handle_int()
+
+    def _stop_listening(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+def _run_uvicorn(host: str, port: int, workers: int, options: dict[str, Any]) -> None:
+    app = "gateway.app:create_app"
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, **options)
+        return
+    config = uvicorn.Config(app, host=host, port=port, workers=workers, **options)
+    _Supervisor(config, sockets=[config.bind_socket()]).run()
 
 
 def _fresh_metrics_dir() -> str | None:
@@ -110,18 +141,15 @@ def serve(host: str, port: int, workers: int, config_path: str | None) -> None:
                 raise ConfigError(f"GATEWAY_DATA_DIR: {exc}") from exc
         metrics_dir = _fresh_metrics_dir()
         log.info("gateway listening on http://%s:%d with %d worker(s)", host, port, workers)
-        uvicorn.run(
-            "gateway.app:create_app",
-            factory=True,
-            http=http_protocol.protocol(config.limits),
-            ws="none",  # no WebSocket endpoint: an upgrade request is served as plain HTTP
-            host=host,
-            port=port,
-            workers=workers,
-            access_log=False,
-            log_level="warning",
-            timeout_graceful_shutdown=int(config.limits.request_timeout_seconds),
-        )
+        options = {
+            "factory": True,
+            "http": http_protocol.protocol(config.limits),
+            "ws": "none",  # no WebSocket endpoint: an upgrade request is served as plain HTTP
+            "access_log": False,
+            "log_level": "warning",
+            "timeout_graceful_shutdown": int(config.limits.request_timeout_seconds),
+        }
+        _run_uvicorn(host, port, workers, options)
     except Stopped:
         pass  # the graceful shutdown is done; clean up below and exit 0
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -191,6 +192,15 @@ def _fire(url: str, body: dict[str, Any], headers: dict[str, str]) -> None:
     threading.Thread(target=send, daemon=True).start()
 
 
+def _refuses(port: int) -> bool:
+    """A new connection to `port` is refused (a connection that opens is closed again)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def test_sigterm_drains_in_flight_requests(
     tmp_path: Path,
     redis_url: str,
@@ -198,11 +208,14 @@ def test_sigterm_drains_in_flight_requests(
     upstreams: dict[str, Upstream],
     admin_key: str,
 ) -> None:
+    """After SIGTERM the replica refuses new connections (nginx passes them to another one)
+    while it finishes and settles what it had in flight, then exits 0."""
     deployed = launch(tmp_path, redis_url, upstreams, admin_key)
     try:
         key, key_id = deployed.key()
+        other_key, _ = deployed.key()
         replica = deployed.replicas[0]
-        upstreams["openai"].delay_seconds = 1.5
+        upstreams["openai"].delay_seconds = 3
 
         async def in_flight() -> list[tuple[int, str]]:
             async with httpx.AsyncClient(base_url=replica.url, timeout=60) as http:
@@ -220,6 +233,12 @@ def test_sigterm_drains_in_flight_requests(
                 await asyncio.sleep(0.5)  # all admitted and waiting on the upstream
                 assert replica.process is not None
                 replica.process.send_signal(signal.SIGTERM)
+
+                await asyncio.to_thread(wait_until, lambda: _refuses(replica.port), timeout=2)
+                assert not any(task.done() for task in tasks), "refused while in flight"
+                through_balancer = await flood(deployed.url, [other_key], 6, model="mock-echo")
+                assert [status for _, status in through_balancer] == [200] * 6
+                assert not any(task.done() for task in tasks), "still draining"
                 return await asyncio.gather(*tasks)
 
         answers = asyncio.run(in_flight())

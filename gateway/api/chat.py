@@ -100,9 +100,7 @@ async def _plan(request: Request, gateway: Gateway, *, native: bool = False) -> 
             await keys.authenticate(gateway.store, raw_key)  # templates are not for strangers
             known = True
         cache_control = directives(request.headers.get("cache-control"))
-        plan = await gateway.completions.plan(
-            body, key_id, cache_control, request.state.request_id
-        )
+        plan = await gateway.completions.plan(body, key_id, cache_control, request.state.request_id)
     except GatewayError:
         if not known:  # an unknown or revoked key hears 401, not what was wrong with its body
             await keys.authenticate(gateway.store, raw_key)

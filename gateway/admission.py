@@ -140,14 +140,19 @@ class Gate:
         fields: list[Any] = []
         for name, value in extra.items():
             fields += [name, value]
-        keys = [slots.spend, slots.resv, slots.lease, slots.usage, slots.totals]
+        keys = [slots.spend, slots.resv, slots.lease, slots.usage, slots.totals, slots.record]
         entry: list[Any] = ["", 0]
         if cache is not None:
             keys.append(cache.key)
             entry = [cache.entry, cache.ttl_seconds]
         args = [ticket.reservation_id, cost, 1 if record is not None else 0]
         args += [self.retention_ms, SETTLED_MARK_MS, *counted, *entry, *fields]
-        await self.store.run("settle_request", keys, args)
+        settled, _, charged = await self.store.run("settle_request", keys, args)
+        if settled and record is not None and charged < cost:
+            log.warning(
+                "settlement of %s came after its lease ran out: charged %d of %d nano-USD "
+                "so the key's cap holds", ticket.reservation_id, charged, cost,
+            )  # fmt: skip
 
     async def _settle_later(self, ticket: Ticket, cost: int, record: dict[str, Any] | None) -> None:
         for delay in _SETTLE_RETRY_SECONDS:

@@ -13,12 +13,15 @@
 -- ARGV[3]  1 to write a usage record, 0 to only release (no provider served it)
 -- ARGV[4]  retention of usage records, ms
 -- ARGV[5]  how long the settled mark is kept against retries, ms
--- KEYS[6]  optional: {id}:cache:<sha>, where to store the response
+-- KEYS[6]  {id}:key     hash    monthly, hard: the caps, read when the lease ran out
+-- KEYS[7]  optional: {id}:cache:<sha>, where to store the response
 -- ARGV[6]  model name, ARGV[7] input tokens, ARGV[8] output tokens
--- ARGV[9]  the cache entry (msgpack) when KEYS[6] is given, ARGV[10] its TTL in seconds
+-- ARGV[9]  the cache entry (msgpack) when KEYS[7] is given, ARGV[10] its TTL in seconds
 -- ARGV[11..] more usage record fields, name/value pairs
 --
--- Returns {settled, stream id}: settled 1 the first time, 0 for a repeat.
+-- Returns {settled, stream id, charged}: settled 1 the first time, 0 for a repeat;
+-- charged is the cost written, less than ARGV[2] only when a late settlement had to be
+-- cut to fit under a cap.
 
 local request_id, cost = ARGV[1], tonumber(ARGV[2])
 local record, retention_ms, mark_ms = ARGV[3] == '1', tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -30,31 +33,45 @@ if not (countable(cost) and countable(tonumber(ARGV[7])) and countable(tonumber(
 end
 
 local held = redis.call('HGET', KEYS[2], request_id)
-if held == 's' then return {0, ''} end
+if held == 's' then return {0, '', 0} end
 
 local seconds, now_us = now()
--- A lease that already expired was given back at admission; nothing left to release.
-if held then redis.call('HINCRBY', KEYS[1], 'reserved', -tonumber(held)) end
+local day = day_of(seconds)
+local month = string.sub(day, 1, 7)
+if held then
+  redis.call('HINCRBY', KEYS[1], 'reserved', -tonumber(held))
+elseif record and cost > 0 then
+  -- The lease ran out first, and an admission gave its capacity back: the cost now
+  -- counts against the caps like a new reservation would, and is cut to what fits.
+  local caps = redis.call('HMGET', KEYS[6], 'monthly', 'hard')
+  local spend = redis.call('HMGET', KEYS[1], 'total', 'm:' .. month, 'reserved')
+  local total, month_total = tonumber(spend[1]) or 0, tonumber(spend[2]) or 0
+  local reserved = tonumber(spend[3]) or 0
+  local monthly, hard = tonumber(caps[1]) or 0, tonumber(caps[2]) or 0
+  if hard > 0 then cost = math.min(cost, hard - total - reserved) end
+  if monthly > 0 then cost = math.min(cost, monthly - month_total - reserved) end
+  cost = math.max(cost, 0)
+end
 redis.call('HSET', KEYS[2], request_id, 's')
 redis.call('ZADD', KEYS[3], now_us + mark_ms * 1000, request_id)
 
-if not record then return {1, ''} end
+if not record then return {1, '', 0} end
 local model, input, output = ARGV[6], ARGV[7], ARGV[8]
-local day = day_of(seconds)
+local charged = string.format('%.0f', cost)
 if cost > 0 then
-  redis.call('HINCRBY', KEYS[1], 'total', cost)
-  redis.call('HINCRBY', KEYS[1], 'm:' .. string.sub(day, 1, 7), cost)
+  redis.call('HINCRBY', KEYS[1], 'total', charged)
+  redis.call('HINCRBY', KEYS[1], 'm:' .. month, charged)
 end
-for _, period in ipairs({'d|' .. day, 'm|' .. string.sub(day, 1, 7)}) do
+for _, period in ipairs({'d|' .. day, 'm|' .. month}) do
   local prefix = period .. '|' .. model .. '|'
   redis.call('HINCRBY', KEYS[5], prefix .. 'requests', 1)
   redis.call('HINCRBY', KEYS[5], prefix .. 'input', input)
   redis.call('HINCRBY', KEYS[5], prefix .. 'output', output)
-  redis.call('HINCRBY', KEYS[5], prefix .. 'cost', cost)
+  redis.call('HINCRBY', KEYS[5], prefix .. 'cost', charged)
 end
-if KEYS[6] then redis.call('SET', KEYS[6], ARGV[9], 'EX', ARGV[10]) end
+if KEYS[7] then redis.call('SET', KEYS[7], ARGV[9], 'EX', ARGV[10]) end
 local min_id = math.floor(now_us / 1000) - retention_ms
-local fields = {'cost', ARGV[2], 'model', model, 'input_tokens', input, 'output_tokens', output}
+local fields = {'cost', charged, 'model', model, 'input_tokens', input, 'output_tokens', output}
 for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[4], 'MINID', '~', min_id, '*', unpack(fields))
-return {1, id}
+return {1, id, cost}

@@ -132,7 +132,8 @@ def fill(redis_server: RedisServer, key_ids: list[str], first: int, count: int) 
         pipe = client.pipeline(transaction=False)
         for i in range(start, min(start + 2000, first + count)):
             tag = f"gw:{{{key_ids[i % len(key_ids)]}}}"
-            keys = [f"{tag}:{part}" for part in ("spend", "resv", "lease", "usage", "totals")]
+            parts = ("spend", "resv", "lease", "usage", "totals", "key")
+            keys = [f"{tag}:{part}" for part in parts]
             cost = 1000 + i % 7
             settled += cost
             args = [f"r{i}", cost, 1, 86_400_000, 1000, "gpt", 3, 4, "provider", "openai",

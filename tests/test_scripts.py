@@ -121,6 +121,41 @@ async def test_late_settlement_after_expiry_charges_without_double_release(
     assert (spend["total"], spend["reserved"]) == ("2500", "100")
 
 
+@pytest.mark.parametrize("cap", ["monthly_cap", "hard_cap"])
+async def test_late_settlement_after_expiry_is_cut_to_fit_the_cap(
+    store: Store, gate: Gate, redis_server: RedisServer, cap: str
+) -> None:
+    """A lease that ran out gave its capacity to another request; the late settlement
+    must not take the key over its cap (with the cut amount in the usage record)."""
+    raw, key_id = await new_key(store, **{cap: 0.00001})  # 10_000 nano-USD
+    slow = await gate.admit(raw, "m", "slow-worker", 6000)
+    client = redis_server.client()
+    client.zadd(Slots.of(key_id).lease, {"slow-worker": 0})
+    fresh = await gate.admit(raw, "m", "fresh", 7000)  # fits only because the lease expired
+    await gate.settle(fresh, 7000, {"model": "m"})
+    await gate.settle(slow, 6000, {"model": "m"})
+    spend = client.hgetall(Slots.of(key_id).spend)
+    assert (spend["total"], spend["reserved"]) == ("10000", "0")
+    costs = [int(fields["cost"]) for _, fields in client.xrange(Slots.of(key_id).usage)]
+    assert sorted(costs) == [3000, 7000]
+    with pytest.raises(SpendCapReached):
+        await gate.admit(raw, "m", "after", 1)
+
+
+async def test_late_settlement_counts_open_reservations_against_the_cap(
+    store: Store, gate: Gate, redis_server: RedisServer
+) -> None:
+    raw, key_id = await new_key(store, monthly_cap=0.00001)
+    slow = await gate.admit(raw, "m", "slow-worker", 6000)
+    client = redis_server.client()
+    client.zadd(Slots.of(key_id).lease, {"slow-worker": 0})
+    held = await gate.admit(raw, "m", "held", 8000)  # still open when the late one lands
+    await gate.settle(slow, 6000, {"model": "m"})
+    await gate.settle(held, 8000, {"model": "m"})
+    spend = client.hgetall(Slots.of(key_id).spend)
+    assert (spend["total"], spend["reserved"]) == ("10000", "0")
+
+
 async def test_monthly_cap_counts_only_this_month(
     store: Store, gate: Gate, redis_server: RedisServer
 ) -> None:

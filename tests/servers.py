@@ -239,7 +239,8 @@ class SentinelGroup:
     def start(self) -> SentinelGroup:
         self.master.start()
         self.replica.start()
-        wait_until(lambda: self.master.client().info("replication")["connected_slaves"] == 1)
+        # Linked, not only connected: until the initial sync ends the replica holds nothing.
+        wait_until(lambda: self.replica.client().info("replication")["master_link_status"] == "up")
         for port in self.sentinel_ports:
             conf = Path(self.master.dir) / f"sentinel-{port}.conf"
             conf.write_text(
@@ -258,8 +259,13 @@ class SentinelGroup:
             )
         for port in self.sentinel_ports:
             client = redis.Redis(port=port, decode_responses=True)
-            wait_until(lambda c=client: c.sentinel_master(self.service)["num-other-sentinels"] == 2)
+            wait_until(lambda c=client: self._watched(c.sentinel_master(self.service)), timeout=20)
         return self
+
+    @staticmethod
+    def _watched(master: dict[str, Any]) -> bool:
+        """A sentinel knows the other two and the replica, so it can fail over to it."""
+        return bool(master["num-other-sentinels"] == 2 and master["num-slaves"] == 1)
 
     def master_port(self) -> int:
         client = redis.Redis(port=self.sentinel_ports[0], decode_responses=True)

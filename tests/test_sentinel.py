@@ -77,7 +77,8 @@ def test_gateway_follows_a_failover(
 async def test_wait_replicas_loses_no_settled_spend(
     group: SentinelGroup, upstreams: dict[str, Upstream], admin_key: str
 ) -> None:
-    """With store.wait_replicas=1 every answered request is on the replica before the reply."""
+    """With store.wait_replicas=1 every answered request is on the replica before the reply,
+    so the promoted replica holds every charge: the gateway reads them all back from it."""
     server = gateway_on(group, upstreams, wait_replicas=1, wait_timeout_ms=1000)
     try:
         headers = {"authorization": f"Bearer {admin_key}"}
@@ -87,7 +88,15 @@ async def test_wait_replicas_loses_no_settled_spend(
         statuses = await burst(server.url, created["key"], 40)
         group.master.kill()  # at once: anything not yet replicated would be lost
         answered = statuses.count(200)
-        spend_key = f"gw:{{{created['record']['id']}}}:usage"
-        assert group.replica.client().xlen(spend_key) == answered == 40
+        wait_until(lambda: group.master_port() == group.replica.port, timeout=30)
+        key_id = created["record"]["id"]
+        assert group.replica.client().xlen(f"gw:{{{key_id}}}:usage") == answered == 40
+
+        admin = f"{server.url}/api/ai-gateway"
+        wait_until(lambda: httpx.get(f"{admin}/keys/{key_id}", headers=headers).is_success)
+        record = httpx.get(f"{admin}/keys/{key_id}", headers=headers).json()
+        usage = httpx.get(f"{admin}/usage", params={"key": key_id}, headers=headers).json()
+        assert len(usage["records"]) == 40
+        assert round(record["spend"] * 1e9) == sum(r["cost_nano"] for r in usage["records"]) > 0
     finally:
         server.stop()

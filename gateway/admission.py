@@ -1,9 +1,11 @@
 """Admission and settlement: the two Redis round trips of every completion.
 
 `admit` runs `admit_request.lua`: key, revocation, model, sliding window and the spend
-reservation in one atomic call. `settle` runs `settle_request.lua`: the actual cost
-replaces the reservation and the usage record is written. Both are keyed by the
-request id, so a call retried after a timeout can never reserve or charge twice.
+reservation in one atomic call; the share of the key's cap in use that it reports, on
+admission and on a 402 alike, goes to the `gateway_key_cap_used_ratio` gauge. `settle`
+runs `settle_request.lua`: the actual cost replaces the reservation and the usage record
+is written. Both are keyed by the request id, so a call retried after a timeout can
+never reserve or charge twice.
 """
 
 from __future__ import annotations
@@ -60,10 +62,13 @@ class Ticket:
 
 
 class Gate:
-    def __init__(self, store: Store, *, lease_ms: int, retention_ms: int) -> None:
+    def __init__(
+        self, store: Store, *, lease_ms: int, retention_ms: int, key_labels: bool = True
+    ) -> None:
         self.store = store
         self.lease_ms = lease_ms
         self.retention_ms = retention_ms
+        self.key_labels = key_labels  # False: no per-key cap gauge (metrics.per_key_labels)
         self._retries: set[asyncio.Task[None]] = set()
 
     async def admit(
@@ -89,10 +94,12 @@ class Gate:
             # id (a no-op if it never ran) rather than hold the capacity for a lease.
             self.settle_later(Ticket(key_id, reservation_id, amount, 0, 0, 0), 0, None)
             raise
-        status, limit, remaining, reset_ms, detail = answer[:5]
+        status, limit, remaining, reset_ms, detail, cap_used_ppm = answer[:6]
+        if cap_used_ppm >= 0 and self.key_labels:
+            metrics.KEY_CAP_USED.labels(key_id).set(cap_used_ppm / 1_000_000)
         if status == ADMITTED:
             metrics.OPEN_RESERVATIONS.inc()
-            entry = answer[5] if len(answer) > 5 and answer[5] else None
+            entry = answer[6] if len(answer) > 6 and answer[6] else None
             return Ticket(key_id, reservation_id, amount, limit, remaining, reset_ms, entry)
         raise _refusal(status, model, limit, reset_ms, detail.decode())
 

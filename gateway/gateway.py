@@ -41,7 +41,12 @@ class Gateway:
         limits = config.limits
         lease_ms = int((limits.request_timeout_seconds + limits.lease_margin_seconds) * 1000)
         retention_ms = config.limits.usage_retention_days * 86_400_000
-        gate = Gate(store, lease_ms=lease_ms, retention_ms=retention_ms)
+        gate = Gate(
+            store,
+            lease_ms=lease_ms,
+            retention_ms=retention_ms,
+            key_labels=config.metrics.per_key_labels,
+        )
         cache = Cache(config.cache, cache_store)
         prompts = Prompts(store, config.limits)
         completions = Completions(config, gate, cache, prices, router, prompts)

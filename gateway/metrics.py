@@ -1,16 +1,19 @@
 """Prometheus metrics, correct across uvicorn workers.
 
 `gateway serve` points PROMETHEUS_MULTIPROC_DIR at a fresh directory before any worker
-starts, so each worker writes its samples there and /metrics sums them (the open
-reservations gauge as the live sum). An app built without it (tests, embedding) keeps
-the ordinary in-process registry.
+starts, so each worker writes its samples there and /metrics sums them: the open
+reservations gauge as the sum over live workers (a scrape first drops the files of
+workers that died), a key's cap use as the value its latest admission reported,
+whichever worker made it. An app built without it (tests, embedding) keeps the ordinary
+in-process registry.
 
 Labels carry key ids, never keys; `metrics.per_key_labels: false` drops the key label
-for fleets with many keys.
+for fleets with many keys, and with it the per-key cap gauge.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 from typing import Any
 
@@ -56,6 +59,12 @@ PROVIDER_ERRORS = Counter(
 OPEN_RESERVATIONS = Gauge(
     "gateway_open_reservations", "Admitted requests not yet settled.", multiprocess_mode="livesum"
 )
+KEY_CAP_USED = Gauge(
+    "gateway_key_cap_used_ratio",
+    "(Settled + reserved spend) / cap at the key's latest admission decision; the larger of "
+    "the monthly and lifetime ratios. Keys without a cap have none.",
+    ["key"], multiprocess_mode="mostrecent",
+)  # fmt: skip
 
 
 class Recorder:
@@ -104,10 +113,31 @@ def _kind(reason: str) -> str:
 
 async def scrape(request: Request) -> Response:
     """GET /metrics: every worker's samples when in multiprocess mode."""
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        forget_dead_workers(folder)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         body = generate_latest(registry)
     else:
         body = generate_latest()
     return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def forget_dead_workers(folder: str) -> None:
+    """Drop the live gauges of workers that are gone: a crashed worker never says so, and
+    its in-flight count would otherwise stay in the sum for good."""
+    for path in glob.glob(os.path.join(folder, "gauge_live*_*.db")):
+        pid = os.path.basename(path)[: -len(".db")].rpartition("_")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid), folder)  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive, just not ours to signal
+    return True

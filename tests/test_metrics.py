@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,16 +18,24 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.store import load_script
 from tests.conftest import UPSTREAM_KEYS, config_dict, write_config
-from tests.servers import GatewayProcess, RedisServer, free_port
+from tests.servers import GatewayProcess, RedisServer, free_port, wait_until
 from tests.test_topology import flood
 from tests.upstreams import Upstream
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+# No input price, 2,000 nano-USD per output token: a reservation is max_tokens x 2,000.
+FLAT = {"input_per_1k": 0, "output_per_1k": 0.002, "max_output_tokens": 64}
+
+
+def scrape(url: str) -> Samples:
     """Every sample of /metrics, by (name, labels)."""
-    text = httpx.get(url + "/metrics").text
+    return parse(httpx.get(url + "/metrics").text)
+
+
+def parse(text: str) -> Samples:
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
@@ -33,27 +43,55 @@ def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
+def by_key(samples: Samples, name: str) -> dict[str, float]:
+    return {dict(labels)["key"]: v for (n, labels), v in samples.items() if n == name}
+
+
 def total(samples: dict[Any, float], name: str, **labels: str) -> float:
     wanted = set(labels.items())
     return sum(v for (n, got), v in samples.items() if n == name and wanted <= got)
 
 
-@pytest.fixture
-def two_workers(
-    tmp_path: Path, redis_url: str, upstreams: dict[str, Upstream], admin_key: str
-) -> Iterator[GatewayProcess]:
-    raw = config_dict(upstreams)
+def start_gateway(
+    tmp_path: Path, redis_url: str, upstreams: dict[str, Upstream], admin_key: str, **overrides: Any
+) -> GatewayProcess:
+    """`gateway serve` with two workers; their samples go to tmp_path/metrics."""
+    raw = config_dict(upstreams, **overrides)
     dead = {"type": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1"}
     raw["providers"]["dead"] = dead
     raw["models"]["shaky"] = {
         **{k: raw["models"]["gpt"][k] for k in ("input_per_1k", "output_per_1k")},
         "routes": [{"provider": "dead", "model": "x"}, {"provider": "openai", "model": "up"}],
     }
+    raw["models"]["flat"] = {**FLAT, "routes": [{"provider": "openai", "model": "up"}]}
     env = {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_ADMIN_KEY": admin_key,
-           "GATEWAY_LOG_FORMAT": "json", **UPSTREAM_KEYS}  # fmt: skip
-    process = GatewayProcess(write_config(tmp_path / "g.yaml", raw), env, workers=2).start()
+           "GATEWAY_LOG_FORMAT": "json", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+           **UPSTREAM_KEYS}  # fmt: skip
+    return GatewayProcess(write_config(tmp_path / "g.yaml", raw), env, workers=2).start()
+
+
+@pytest.fixture
+def two_workers(
+    tmp_path: Path, redis_url: str, upstreams: dict[str, Upstream], admin_key: str
+) -> Iterator[GatewayProcess]:
+    process = start_gateway(tmp_path, redis_url, upstreams, admin_key)
     yield process
     process.stop()
+
+
+def new_key(url: str, admin_key: str, **spec: Any) -> tuple[str, str]:
+    created = httpx.post(url + "/api/ai-gateway/keys", json={"name": "m", **spec},
+                         headers={"authorization": f"Bearer {admin_key}"}).json()  # fmt: skip
+    return created["key"], created["record"]["id"]
+
+
+def ask(url: str, key: str, text: str, max_tokens: int, model: str = "flat") -> int:
+    body = {"model": model, "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens}  # fmt: skip
+    headers = {"authorization": f"Bearer {key}"}
+    return httpx.post(
+        url + "/v1/chat/completions", json=body, headers=headers, timeout=30
+    ).status_code
 
 
 def test_metrics_count_exactly_across_workers(two_workers: GatewayProcess, admin_key: str) -> None:
@@ -76,7 +114,9 @@ def test_metrics_count_exactly_across_workers(two_workers: GatewayProcess, admin
     assert [s for _, s in results].count(429) == 10
     assert httpx.post(url + "/v1/chat/completions", json=body, headers=headers).status_code == 429
 
-    samples = scrape(url)
+    text = httpx.get(url + "/metrics").text
+    assert "sk-gw-" not in text and admin_key not in text  # key ids only
+    samples = parse(text)
     requests = "gateway_requests_total"
     assert total(samples, requests, model="gpt", status="200", cache="miss") == 31
     assert total(samples, requests, model="gpt", status="200", cache="hit") == 1
@@ -88,14 +128,108 @@ def test_metrics_count_exactly_across_workers(two_workers: GatewayProcess, admin
     assert total(samples, "gateway_overhead_seconds_count") == 46
     assert total(samples, "gateway_upstream_seconds_count", provider="openai") == 34
     assert total(samples, "gateway_open_reservations") == 0
+    # 30 + 1 served "r<i>" (1 word + 3 per message) and 3 "fall back <i>" (3 words + 3).
+    assert total(samples, "gateway_tokens_total", model="gpt", direction="input") == 31 * 4
+    assert total(samples, "gateway_tokens_total", model="shaky", direction="input") == 3 * 6
+    assert total(samples, "gateway_tokens_total", direction="input") == 142
 
     records = httpx.get(url + "/api/ai-gateway/usage", params={"limit": 1000}, headers=admin)
     served = [r for r in records.json()["records"] if not r["cached"]]
     assert total(samples, "gateway_tokens_total", direction="output") == sum(
         r["output_tokens"] for r in served
     )
+    assert sum(r["input_tokens"] for r in served) == 142
     spend = total(samples, "gateway_spend_usd_total", key=key_id)
     assert spend == pytest.approx(sum(r["cost"] for r in served if r["key_id"] == key_id))
+
+
+def test_spend_cap_refusals_and_cap_use_are_exact(
+    two_workers: GatewayProcess, admin_key: str
+) -> None:
+    """A $0.0001 lifetime cap (100,000 nano-USD; the monthly cap of $0.001 is looser): each
+    admission reports (settled + reserved, this request included) / cap, a 402 reports
+    (settled + reserved) / cap, whichever worker decided."""
+    url = two_workers.url
+    capped, capped_id = new_key(url, admin_key, hard_cap=0.0001, monthly_cap=0.001)
+    free, _ = new_key(url, admin_key)
+    words = " ".join(f"w{i}" for i in range(30))  # answers cut at max_tokens: charge = reserved
+    assert ask(url, capped, f"a {words}", 20) == 200  # 40,000 reserved of 100,000: 0.4
+    assert ask(url, capped, f"b {words}", 20) == 200  # 80,000 after it: 0.8
+    assert ask(url, capped, "c", 5) == 200  # 80,000 + 10,000 reserved: 0.9; charged 4,000
+    assert ask(url, free, "f", 20) == 200  # no cap: no ratio
+    assert by_key(scrape(url), "gateway_key_cap_used_ratio") == {capped_id: 0.9}
+
+    assert [ask(url, capped, f"d{i}", 20) for i in range(2)] == [402, 402]  # 84,000 + 40,000
+    samples = scrape(url)
+    assert by_key(samples, "gateway_key_cap_used_ratio") == {capped_id: 0.84}
+    assert total(samples, "gateway_refusals_total", reason="spend_cap") == 2
+    assert total(samples, "gateway_refusals_total") == 2
+    assert total(samples, "gateway_requests_total", model="flat", status="402") == 2
+    assert total(samples, "gateway_requests_total", model="flat", status="200") == 4
+    # "a"/"b" + 30 words + 3 per message, "c" and "f" 1 word + 3.
+    assert total(samples, "gateway_tokens_total", model="flat", direction="input") == 34 * 2 + 4 * 2
+    assert (
+        total(samples, "gateway_tokens_total", model="flat", direction="output") == 20 * 2 + 2 * 2
+    )
+    assert total(samples, "gateway_spend_usd_total", key=capped_id) == pytest.approx(84_000e-9)
+
+
+def test_per_key_labels_off_leaves_no_key_in_metrics(
+    tmp_path: Path, redis_url: str, upstreams: dict[str, Upstream], admin_key: str
+) -> None:
+    process = start_gateway(
+        tmp_path, redis_url, upstreams, admin_key, metrics={"per_key_labels": False}
+    )
+    try:
+        key, key_id = new_key(process.url, admin_key, hard_cap=0.0001)
+        words = " ".join(f"w{i}" for i in range(30))  # each charged its 40,000 reserved
+        asked = [ask(process.url, key, f"q{i} {words}", 20) for i in range(3)]
+        assert asked == [200, 200, 402]
+        text = httpx.get(process.url + "/metrics").text
+    finally:
+        process.stop()
+    samples = parse(text)
+    assert by_key(samples, "gateway_spend_usd_total") == {"-": pytest.approx(80_000e-9)}
+    assert "gateway_key_cap_used_ratio{" not in text
+    assert "sk-gw-" not in text and key_id not in text
+
+
+def test_open_reservations_count_requests_in_flight(
+    two_workers: GatewayProcess, upstreams: dict[str, Upstream], admin_key: str
+) -> None:
+    url = two_workers.url
+    key, _ = new_key(url, admin_key)
+    upstreams["openai"].delay_seconds = 3  # under the provider's 5 s timeout
+    statuses: list[int] = []
+    senders = [
+        threading.Thread(target=lambda i=i: statuses.append(ask(url, key, f"held {i}", 5)))
+        for i in range(5)
+    ]
+    for sender in senders:
+        sender.start()
+    wait_until(lambda: len(upstreams["openai"].requests) == 5)
+    assert total(scrape(url), "gateway_open_reservations") == 5
+    for sender in senders:
+        sender.join()
+    assert statuses == [200] * 5
+    assert total(scrape(url), "gateway_open_reservations") == 0
+
+
+def test_a_dead_workers_open_reservations_leave_the_sum(
+    two_workers: GatewayProcess, tmp_path: Path
+) -> None:
+    """A worker killed mid-request never decrements its gauge: a scrape drops its file."""
+    folder = tmp_path / "metrics"
+    died = subprocess.run(
+        [sys.executable, "-c", "import os; from gateway import metrics; "
+         "metrics.OPEN_RESERVATIONS.inc(3); print(os.getpid())"],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)},
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    left = folder / f"gauge_livesum_{died.stdout.strip()}.db"
+    assert left.exists()
+    assert total(scrape(two_workers.url), "gateway_open_reservations") == 0
+    assert not left.exists()
 
 
 def test_request_log_is_one_json_line_per_request(

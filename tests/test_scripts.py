@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from redis import exceptions as redis_exceptions
 
 from gateway import keys
@@ -164,6 +165,32 @@ async def test_monthly_cap_counts_only_this_month(
     assert (await gate.admit(raw, "m", "r", 10_000)).reserved == 10_000
     with pytest.raises(SpendCapReached, match="monthly"):
         await gate.admit(raw, "m", "r2", 1)
+
+
+def cap_used(key_id: str) -> float | None:
+    return REGISTRY.get_sample_value("gateway_key_cap_used_ratio", {"key": key_id})
+
+
+async def test_admission_reports_the_tighter_cap_in_use(store: Store, gate: Gate) -> None:
+    raw, key_id = await new_key(store, monthly_cap=0.00001, hard_cap=0.0001)  # 10k, 100k nano
+    ticket = await gate.admit(raw, "m", "r1", 4000)
+    assert cap_used(key_id) == 0.4  # the monthly share (4,000 / 10,000), not the lifetime
+    await gate.settle(ticket, 2500, {"model": "m"})
+    await gate.admit(raw, "m", "r2", 5000)
+    assert cap_used(key_id) == 0.75  # 2,500 settled + 5,000 held, this one included
+    with pytest.raises(SpendCapReached):
+        await gate.admit(raw, "m", "r3", 3000)
+    assert cap_used(key_id) == 0.75  # a refusal counts what is held, not what it asked
+    await gate.admit(raw, "m", "r2", 5000)  # a replay decides nothing new
+    assert cap_used(key_id) == 0.75
+
+    free, free_id = await new_key(store)
+    await gate.admit(free, "m", "r", 4000)
+    assert cap_used(free_id) is None  # no cap, no ratio
+    quiet = Gate(store, lease_ms=60_000, retention_ms=86_400_000, key_labels=False)
+    raw, key_id = await new_key(store, hard_cap=0.0001)
+    await quiet.admit(raw, "m", "r", 4000)
+    assert cap_used(key_id) is None
 
 
 async def test_unknown_and_wrong_hash_are_unauthorized(store: Store, gate: Gate) -> None:

@@ -94,6 +94,7 @@ class JSONFormatter(logging.Formatter):
             "time": self.formatTime(record),
             "level": record.levelname,
             "logger": record.name,
+            "pid": record.process,  # which worker, when a replica runs several
         }
         request = getattr(record, "request", None)
         if isinstance(request, dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,32 +97,40 @@ async def test_rejected_requests_are_not_recorded(
 
 
 @pytest.fixture
-def two_worker_gateway(
+def two_gateways(
     tmp_path: Path, redis_url: str, upstreams: dict[str, Upstream], admin_key: str
-) -> Iterator[GatewayProcess]:
+) -> Iterator[list[GatewayProcess]]:
+    """Two `gateway serve` processes on one Redis. (Two workers of one process would not
+    do: one worker's accept loop can take a whole burst of new connections.)"""
     raw = config_dict(upstreams)
     raw["models"]["gpt"] = {**FLAT, "routes": [{"provider": "openai", "model": "gpt-up"}]}
     path = write_config(tmp_path / "gateway.yaml", raw)
     env = {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_ADMIN_KEY": admin_key, **UPSTREAM_KEYS}
-    process = GatewayProcess(path, env, workers=2).start()
-    yield process
-    process.stop()
+    env["GATEWAY_LOG_FORMAT"] = "json"
+    processes = [GatewayProcess(path, env, workers=1).launch() for _ in range(2)]
+    for process in processes:
+        process.wait_ready()
+    yield processes
+    for process in processes:
+        process.stop()
 
 
-async def test_monthly_cap_holds_across_two_workers(
-    two_worker_gateway: GatewayProcess,
+async def test_monthly_cap_holds_across_two_processes(
+    two_gateways: list[GatewayProcess],
     admin_key: str,
     upstreams: dict[str, Upstream],
     redis_server: RedisServer,
 ) -> None:
-    url = two_worker_gateway.url
     upstreams["openai"].reply = LONG_TEXT
     headers = {"authorization": f"Bearer {admin_key}"}
-    admin = httpx.Client(base_url=url + "/api/ai-gateway", headers=headers)
+    admin = httpx.Client(base_url=two_gateways[0].url + "/api/ai-gateway", headers=headers)
     created = admin.post("/keys", json={"name": "capped", "monthly_cap": 0.00105}).json()
     key, key_id = created["key"], created["record"]["id"]
 
-    statuses = await burst(url, key, 50, max_tokens=50)
+    halves = await asyncio.gather(
+        *(burst(gateway.url, key, 25, max_tokens=50) for gateway in two_gateways)
+    )
+    statuses = [status for half in halves for status in half]
 
     assert statuses.count(200) == 10  # 10 * $0.0001 fits under $0.00105; an 11th would not
     assert statuses.count(402) == 40
@@ -134,6 +143,15 @@ async def test_monthly_cap_holds_across_two_workers(
     settled = int(redis_server.client().hget(f"gw:{{{key_id}}}:spend", "total"))
     assert settled == sum(r["cost_nano"] for r in records) == 10 * REQUEST_COST_NANO
     assert {r["provider"] for r in records} == {"openai"}
+    # Each process decided on its half: the cap held across processes, not within one.
+    deciding = set()
+    for gateway in two_gateways:
+        logged = Path(gateway.log.name).read_text().splitlines()
+        lines = [json.loads(line) for line in logged if line.startswith("{")]
+        pids = {line["pid"] for line in lines if line.get("path") == "/v1/chat/completions"}
+        assert len(pids) == 1
+        deciding |= pids
+    assert len(deciding) == 2
 
 
 def test_settled_marks_outlive_the_longest_gap_between_settlement_attempts() -> None:

@@ -97,6 +97,26 @@ async def test_chat_stream_async_without_usage(gateway_url: str, mint: Any, mode
 
 
 @pytest.mark.parametrize("model", MODELS)
+async def test_chat_stream_async_with_usage(gateway_url: str, mint: Any, model: str) -> None:
+    key, _ = mint()
+    stream = await aclient(gateway_url, key).chat.completions.create(
+        model=model,
+        messages=ask("count me"),
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        "echo: count me"
+    )
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    usage = chunks[-1].usage
+    assert usage is not None and not chunks[-1].choices
+    assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+@pytest.mark.parametrize("model", MODELS)
 def test_chat_tool_calls_plain(gateway_url: str, mint: Any, model: str) -> None:
     key, _ = mint()
     done = client(gateway_url, key).chat.completions.create(
@@ -163,6 +183,8 @@ def test_headers_on_completion(gateway_url: str, mint: Any) -> None:
     assert float(raw.headers["x-gateway-cost"]) > 0
     assert raw.headers["x-ratelimit-limit-requests"] == "10"
     assert raw.headers["x-ratelimit-remaining-requests"] == "9"
+    reset = raw.headers["x-ratelimit-reset-requests"]  # until the oldest slot frees
+    assert reset.endswith("s") and 59.0 <= float(reset[:-1]) <= 60.0
     assert raw.headers["x-request-id"]
 
 

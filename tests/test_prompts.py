@@ -105,7 +105,13 @@ def test_prompt_errors(
     admin.post("/prompts/t", json={"template": "Hi {{who}}"})
     response = admin.request(method, path, json=body)
     assert response.status_code == status, response.text
-    assert named in response.json()["error"]["message"]
+    error = response.json()["error"]
+    assert named in error["message"]
+    if status == 404:
+        code = "version_not_found" if "version" in named else "prompt_not_found"
+        assert (error["type"], error["code"]) == ("not_found_error", code)
+    else:
+        assert error["type"] == "invalid_request_error"
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -18,6 +19,7 @@ from gateway.auth import data_dir
 from gateway.errors import ConfigError
 
 API = "/api/ai-gateway"
+KEY_PAGE = 100  # key records per page of the key list, when exporting every key
 
 
 def _admin_key() -> str:
@@ -179,19 +181,39 @@ EXPORT_FIELDS = (
 def usage_export(
     key_id: str | None, since: str | None, until: str | None, kind: str, output: Any
 ) -> None:
-    """Every record of the period, streamed page by page (memory stays flat)."""
+    """Every record of the period, streamed page by page (memory stays flat). Without
+    --key: key after key in key id order, each key's records newest first."""
     writer = csv.DictWriter(output, EXPORT_FIELDS, extrasaction="ignore") if kind == "csv" else None
     if writer:
         writer.writeheader()
-    params: dict[str, Any] = {"key": key_id, "since": since, "until": until, "limit": 1000}
-    params = {k: v for k, v in params.items() if v}
-    while True:
-        page = _call("GET", "/usage", params=params)
-        for record in page["records"]:
+    # One key at a time: a page across every key would read a page from each of them.
+    for key in [key_id] if key_id else _key_ids():
+        for record in _records(key, since, until):
             if writer:
                 writer.writerow(record)
             else:
                 output.write(orjson.dumps(record).decode() + "\n")
+
+
+def _key_ids() -> Iterator[str]:
+    """Every key id, in order, a page of the key list at a time."""
+    params: dict[str, Any] = {"limit": KEY_PAGE}
+    while True:
+        page = _call("GET", "/keys", params=params)
+        for record in page["keys"]:
+            yield record["id"]
+        if not page.get("next"):
+            return
+        params["cursor"] = page["next"]
+
+
+def _records(key_id: str, since: str | None, until: str | None) -> Iterator[dict[str, Any]]:
+    """One key's records of the period, newest first, a page at a time."""
+    params: dict[str, Any] = {"key": key_id, "since": since, "until": until, "limit": 1000}
+    params = {k: v for k, v in params.items() if v}
+    while True:
+        page = _call("GET", "/usage", params=params)
+        yield from page["records"]
         if not page["next"]:
             return
         params["cursor"] = page["next"]

@@ -149,9 +149,18 @@ async def fetch(store: Store, key_id: str, month: str) -> dict[str, Any] | None:
     return _record(key_id, fields, spend, month)
 
 
-async def listing(store: Store, month: str) -> list[dict[str, Any]]:
-    records = [await fetch(store, key_id, month) for key_id in await key_ids(store)]
-    return [r for r in records if r is not None]
+async def listing(
+    store: Store, month: str, after: str = "", limit: int | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Key records in key id order, from the first id past `after`: all of them, or a page
+    of `limit` and the id to continue after when more follow."""
+    ids = [key_id for key_id in await key_ids(store) if key_id > after]
+    following = None
+    if limit is not None and len(ids) > limit:
+        ids = ids[:limit]
+        following = ids[-1]
+    records = [await fetch(store, key_id, month) for key_id in ids]
+    return [r for r in records if r is not None], following
 
 
 async def revoke(store: Store, key_id: str) -> bool:

@@ -2,7 +2,9 @@
 
 Stream ids are Redis time in ms, so `since`/`until` are id ranges and records come back
 newest first with XREVRANGE. Across keys, pages are merged in (stream id, key id)
-order and the cursor is the first record not yet returned.
+order and the cursor is the first record not yet returned. Such a page reads up to
+limit + 1 records from every key's stream, so its cost grows with the number of keys;
+`gateway usage export` walks one key at a time instead.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,9 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from gateway.cli import main
+from gateway.cli import EXPORT_FIELDS, main
+from gateway.keys import Slots
+from tests.servers import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
@@ -122,3 +126,75 @@ def test_keys_list_shows_spend_against_caps(run: CliRunner, mint: Any, gateway_u
     )
     line = next(li for li in run.invoke(main, ["keys", "list"]).output.splitlines() if key_id in li)
     assert "/$2.00 (0%)" in line and "/$4.00 (0%)" in line
+
+
+def write_usage(redis_server: RedisServer, key_id: str, seconds: list[int]) -> None:
+    """Usage records at chosen times (Unix seconds); each costs its time in nano-USD."""
+    client = redis_server.client()
+    for at in seconds:
+        fields = {"cost": at, "model": "gpt", "provider": "openai", "input_tokens": 3,
+                  "output_tokens": 4, "cached": 0, "request_id": f"at-{at}"}  # fmt: skip
+        client.xadd(Slots.of(key_id).usage, fields, id=f"{at * 1000}-0")
+
+
+def test_usage_export_walks_one_key_at_a_time(
+    run: CliRunner, mint: Any, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = sorted(mint()[1] for _ in range(2))
+    write_usage(redis_server, first, [1000, 3000])
+    write_usage(redis_server, second, [2000])
+    asked: list[dict[str, Any]] = []
+    request = httpx.request
+
+    def spy(method: str, url: str, **kwargs: Any) -> httpx.Response:
+        if url.endswith("/usage"):
+            asked.append(kwargs["params"])
+        return request(method, url, **kwargs)
+
+    monkeypatch.setattr(httpx, "request", spy)
+    result = run.invoke(main, ["usage", "export"])
+    assert result.exit_code == 0, result.output
+    rows = [orjson.loads(line) for line in result.output.splitlines()]
+    # By key, then newest first: not merged by time across keys.
+    assert [(r["key_id"], r["request_id"]) for r in rows] == [
+        (first, "at-3000"), (first, "at-1000"), (second, "at-2000"),
+    ]  # fmt: skip
+    assert [params["key"] for params in asked] == [first, second]
+
+    period = run.invoke(main, ["usage", "export", "--since", "1500", "--until", "2500"])
+    assert [orjson.loads(line)["request_id"] for line in period.output.splitlines()] == ["at-2000"]
+
+
+def test_usage_export_csv_for_one_key_and_period(
+    run: CliRunner, mint: Any, redis_server: RedisServer
+) -> None:
+    (_, mine), (_, other) = mint(), mint()
+    write_usage(redis_server, mine, [1000, 2000, 3000, 4000])
+    write_usage(redis_server, other, [2500])
+    result = run.invoke(main, ["usage", "export", "--format", "csv", "--key", mine,
+                               "--since", "2000", "--until", "1970-01-01T00:50:00Z"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    reader = csv.DictReader(io.StringIO(result.output))
+    rows = list(reader)
+    assert reader.fieldnames == list(EXPORT_FIELDS)
+    assert [(r["key_id"], r["at"], r["cost_nano"], r["cached"]) for r in rows] == [
+        (mine, "1970-01-01T00:50:00Z", "3000", "False"),
+        (mine, "1970-01-01T00:33:20Z", "2000", "False"),
+    ]  # fmt: skip
+
+
+def test_usage_export_csv_totals_equal_the_keys_spend(
+    run: CliRunner, mint: Any, gateway_url: str, redis_server: RedisServer
+) -> None:
+    key, key_id = mint()
+    for text in ("one", "two two", "three three three"):
+        httpx.post(
+            gateway_url + "/v1/chat/completions",
+            json={"model": "gpt", "messages": [{"role": "user", "content": text}]},
+            headers={"authorization": f"Bearer {key}"},
+        )
+    result = run.invoke(main, ["usage", "export", "--format", "csv", "--key", key_id])
+    rows = list(csv.DictReader(io.StringIO(result.output)))
+    spend = int(redis_server.client().hget(Slots.of(key_id).spend, "total") or 0)
+    assert len(rows) == 3 and spend > 0
+    assert sum(int(r["cost_nano"]) for r in rows) == spend

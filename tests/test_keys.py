@@ -72,6 +72,24 @@ def test_create_returns_raw_key_once_and_stores_only_its_hash(
     assert [r["id"] for r in listed] == [record["id"]]
 
 
+def test_list_pages_through_keys_in_id_order(admin: httpx.Client, mint: Any) -> None:
+    ids = sorted(mint()[1] for _ in range(5))
+    everything = admin.get("/keys").json()
+    assert ([r["id"] for r in everything["keys"]], everything["next"]) == (ids, None)
+    pages: list[list[str]] = []
+    params: dict[str, Any] = {"limit": 2}
+    while True:
+        page = admin.get("/keys", params=params).json()
+        pages.append([r["id"] for r in page["keys"]])
+        if page["next"] is None:
+            break
+        params["cursor"] = page["next"]
+    assert pages == [ids[0:2], ids[2:4], ids[4:]]
+    for bad in ("0", "1001", "x", "\u00b2"):
+        response = admin.get("/keys", params={"limit": bad})
+        assert response.status_code == 400 and "limit" in response.json()["error"]["message"]
+
+
 def _values(redis_server: RedisServer, name: str) -> list[Any]:
     client = redis_server.client()
     kind = client.type(name)

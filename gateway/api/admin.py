@@ -45,9 +45,21 @@ async def create_key(request: Request) -> Response:
 
 
 async def list_keys(request: Request) -> Response:
+    """Every key; with `limit`, a page of keys in id order and the `next` cursor."""
     gateway = await admin_gateway(request)
+    params = request.query_params
+    limit = _page_limit(params.get("limit"))
     month = await gateway.store.month()
-    return JSON({"keys": await keys.listing(gateway.store, month)})
+    found, following = await keys.listing(gateway.store, month, params.get("cursor", ""), limit)
+    return JSON({"keys": found, "next": following})
+
+
+def _page_limit(value: str | None) -> int | None:
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= usage.MAX_LIMIT):
+        raise BadRequest(f"limit: must be an integer between 1 and {usage.MAX_LIMIT}")
+    return int(value)
 
 
 async def show_key(request: Request) -> Response:

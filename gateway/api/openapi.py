@@ -183,16 +183,23 @@ def _admin_paths() -> dict[str, Schema]:
 def _key_paths() -> dict[str, Schema]:
     record = _json(_ref("KeyRecord"))
     created = _json(_obj(["key", "record"], key=_STR, record=_ref("KeyRecord")), "Created")
+    key_page = [
+        _query("limit", "1 to 1000; absent: every key",
+               {"type": "integer", "minimum": 1, "maximum": 1000}),
+        _query("cursor", "the `next` of the previous page"),
+    ]  # fmt: skip
     return {
         f"{API}/keys": {
             "post": _operation("createKey", "Mint a key; the raw key is in this answer only",
                                ok=created, status=201, errors=_ADMIN, body="KeySpec",
                                example={"name": "demo", "rate_per_min": 60},
                                security=_ADMIN_KEY),
-            "get": _operation("listKeys", "Every key, no secrets", security=_ADMIN_KEY,
-                              ok=_json(_obj(["keys"], keys={"type": "array",
-                                                            "items": _ref("KeyRecord")})),
-                              errors=(401, 503)),
+            "get": _operation("listKeys", "Every key, no secrets; a page of them with limit",
+                              security=_ADMIN_KEY, parameters=key_page,
+                              ok=_json(_obj(["keys", "next"],
+                                            keys={"type": "array", "items": _ref("KeyRecord")},
+                                            next={"type": ["string", "null"]})),
+                              errors=(400, 401, 503)),
         },
         f"{API}/keys/{{key_id}}": {
             "get": _operation("showKey", "One key with its spend", ok=record, parameters=_KEY_ID,

@@ -100,3 +100,24 @@ def test_unreadable_config(tmp_path: Path, text: str, problem: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         config_module.load(str(tmp_path / "absent.yaml"))
+
+
+async def test_mock_provider_counts_tokens_deterministically() -> None:
+    """A word per token, plus 3 per message for input; max_tokens truncates the echo."""
+    from gateway.providers.mock import MockProvider
+
+    provider = MockProvider("mock")
+    body = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "one two three four"},
+        ]
+    }
+    done = await provider.complete(body, "echo")
+    assert (done.input_tokens, done.output_tokens) == (2 + 3 + 4 + 3, 5)
+    assert done.body["choices"][0]["message"]["content"] == "echo: one two three four"
+    assert done.body["usage"] == {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
+    cut = await provider.complete({**body, "max_tokens": 2}, "echo")
+    assert cut.output_tokens == 2
+    assert cut.body["choices"][0]["message"]["content"] == "echo: one"
+    assert cut.body["choices"][0]["finish_reason"] == "length"

@@ -5,9 +5,12 @@
     serve    a cache hit, or the routes in order
     settle   one script call: actual cost, usage record, reservation released
 
-Whatever happens between admit and settle (a provider failure, a client that leaves,
-a timeout), the reservation is settled or released: see `Relay.finish` and the
-`except BaseException` below.
+A plain completion is settled once its response is written (`Result.settle`, run by the
+endpoint after the body): the client does not wait for that round trip, and until it
+lands the reservation, never less than the charge, holds the key's capacity, so caps
+hold throughout. Whatever happens between admit and settle (a provider failure, a
+client that leaves, a timeout), the reservation is settled or released: see
+`Relay.finish` and the `except BaseException` below.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +46,8 @@ class Result:
     output_tokens: int
     cost: int
     cached: bool
-    upstream_seconds: float = 0.0
+    upstream_seconds: float
+    settle: Callable[[], Awaitable[None]]  # to run once the response is written
 
 
 class Completions:
@@ -121,9 +125,11 @@ class Completions:
 
     async def complete(self, plan: Plan, ticket: Ticket, hit: Entry | None) -> Result:
         if hit is not None:
-            await self.gate.settle(ticket, 0, self._record(plan, ticket, hit.provider, 0, 0, True))
+            record = self._record(plan, ticket, hit.provider, 0, 0, True)
+            settle = self._settlement(plan, ticket, 0, record, None)
             body = {**hit.body, "model": plan.model}
-            return Result(body, hit.provider, hit.input_tokens, hit.output_tokens, 0, True)
+            tokens = hit.input_tokens, hit.output_tokens
+            return Result(body, hit.provider, *tokens, 0, True, 0.0, settle)
         started = time.perf_counter()
         async with self._serving(plan, ticket):
             served = await self.router.complete(plan.model, plan.body)
@@ -135,15 +141,25 @@ class Completions:
         )
         body = {**done.body, "model": plan.model}
         entry = Entry(body, served.provider, done.input_tokens, done.output_tokens)
-        try:
-            await self.settle_served(plan, ticket, charge, record, entry)
-        except asyncio.CancelledError:
-            # Cut mid-settlement (a forced shutdown): finish it in the background, as
-            # a shield would, without a task per request when nothing is cancelled.
-            self.gate.settle_later(ticket, charge, record)
-            raise
+        settle = self._settlement(plan, ticket, charge, record, entry)
         tokens = done.input_tokens, done.output_tokens
-        return Result(body, served.provider, *tokens, charge, False, waited)
+        return Result(body, served.provider, *tokens, charge, False, waited, settle)
+
+    def _settlement(
+        self, plan: Plan, ticket: Ticket, charge: int, record: dict[str, Any], entry: Entry | None
+    ) -> Callable[[], Awaitable[None]]:
+        async def settle() -> None:
+            try:
+                await self.settle_served(plan, ticket, charge, record, entry)
+            except asyncio.CancelledError:
+                # Cut mid-settlement (a forced shutdown): finish it in the background, as
+                # a shield would, without a task per request when nothing is cancelled.
+                self.gate.settle_later(ticket, charge, record)
+                raise
+            except Exception:  # the response is out: log, never raise into the server
+                log.exception("settlement of %s failed", ticket.reservation_id)
+
+        return settle
 
     async def open_stream(self, plan: Plan, ticket: Ticket, hit: Entry | None) -> Relay:
         if hit is not None:

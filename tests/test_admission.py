@@ -15,7 +15,8 @@ import pytest
 from gateway import admission
 from gateway import store as store_module
 from tests.conftest import UPSTREAM_KEYS, config_dict, write_config
-from tests.servers import GatewayProcess, RedisServer
+from tests.servers import GatewayProcess, RedisServer, wait_until
+from tests.test_routing import spend_state
 from tests.upstreams import Upstream
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
@@ -159,3 +160,30 @@ def test_settled_marks_outlive_the_longest_gap_between_settlement_attempts() -> 
     store operation; the mark of a landed attempt must still be there for it."""
     gap = max(admission._SETTLE_RETRY_SECONDS) + store_module.COMMAND_SECONDS
     assert gap < admission.SETTLED_MARK_MS / 1000
+
+
+async def test_the_answer_does_not_wait_for_settlement_and_the_reservation_holds_until_it_does(
+    gateway_url: str, mint: Any, redis_server: RedisServer, upstreams: dict[str, Upstream]
+) -> None:
+    """Settlement runs once the response is written. While it has not landed (here: Redis
+    refuses writes for a while), the reservation still counts against the caps."""
+    key, key_id = mint()
+    upstreams["openai"].delay_seconds = 0.5
+    redis = redis_server.client()
+    headers = {"authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as http:
+        call = asyncio.create_task(
+            http.post("/v1/chat/completions", json=_body(0, {}), headers=headers)
+        )
+        await asyncio.to_thread(wait_until, lambda: spend_state(redis_server, key_id)[1] > 0)
+        # Writes wait (reads are still answered) for less than a store command may take.
+        redis.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
+        try:
+            response = await call
+            settled, reserved, records = spend_state(redis_server, key_id)
+        finally:
+            redis.execute_command("CLIENT", "UNPAUSE")
+    assert response.status_code == 200
+    assert (settled, records) == (0, 0) and reserved > 0  # answered, not yet settled
+    cost = round(float(response.headers["x-gateway-cost"]) * 1e9)
+    await asyncio.to_thread(wait_until, lambda: spend_state(redis_server, key_id) == (cost, 0, 1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -31,7 +32,8 @@ async def chat_completions(request: Request) -> Response:
         return _stream(request, gateway, plan, ticket, hit)  # type: ignore[return-value]
     result = await gateway.completions.complete(plan, ticket, hit)
     _note_result(request, result)
-    return JSON(result.body, headers=_headers(ticket, result.provider, result.cached, result.cost))
+    headers = _headers(ticket, result.provider, result.cached, result.cost)
+    return JSON(result.body, headers=headers, background=BackgroundTask(result.settle))
 
 
 def _stream(
@@ -63,7 +65,7 @@ async def native_complete(request: Request) -> Response:
     result = await gateway.completions.complete(plan, ticket, hit)
     _note_result(request, result)
     headers = _headers(ticket, result.provider, result.cached, result.cost)
-    return JSON(_native(result, plan), headers=headers)
+    return JSON(_native(result, plan), headers=headers, background=BackgroundTask(result.settle))
 
 
 async def list_models(request: Request) -> Response:

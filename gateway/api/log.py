@@ -30,20 +30,23 @@ class RequestLog:
         fields: dict[str, Any] = {}
         scope.setdefault("state", {}).update(request_id=rid, log=fields)
         status = 0
+        answered = 0.0  # when the last body byte went out: the latency the client saw
         header = (b"x-request-id", rid.encode())
 
         async def sending(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), header]
+            elif not message.get("more_body", False):
+                answered = time.perf_counter()
             await send(message)
 
         started = time.perf_counter()
         try:
             await self.app(scope, receive, sending)
         finally:
-            seconds = time.perf_counter() - started
+            seconds = (answered or time.perf_counter()) - started
             self._line(scope["path"], rid, status, seconds, fields)
             self.recorder.request(scope["path"], status, seconds, fields)
 

@@ -123,3 +123,14 @@ def mint(admin: httpx.Client) -> Any:
 def write_config(path: Path, raw: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def chat_each(gateway_url: str, key: str, texts: list[str], model: str = "gpt") -> None:
+    """One plain chat completion per text, one after another."""
+    for text in texts:
+        response = httpx.post(
+            gateway_url + "/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": text}]},
+            headers={"authorization": f"Bearer {key}"},
+        )
+        assert response.status_code == 200, response.text

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from gateway.cli import EXPORT_FIELDS, main
 from gateway.keys import Slots
+from tests.conftest import chat_each
 from tests.servers import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
@@ -187,12 +188,7 @@ def test_usage_export_csv_totals_equal_the_keys_spend(
     run: CliRunner, mint: Any, gateway_url: str, redis_server: RedisServer
 ) -> None:
     key, key_id = mint()
-    for text in ("one", "two two", "three three three"):
-        httpx.post(
-            gateway_url + "/v1/chat/completions",
-            json={"model": "gpt", "messages": [{"role": "user", "content": text}]},
-            headers={"authorization": f"Bearer {key}"},
-        )
+    chat_each(gateway_url, key, ["one", "two two", "three three three"])
     result = run.invoke(main, ["usage", "export", "--format", "csv", "--key", key_id])
     rows = list(csv.DictReader(io.StringIO(result.output)))
     spend = int(redis_server.client().hget(Slots.of(key_id).spend, "total") or 0)

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.store import load_script
-from tests.conftest import UPSTREAM_KEYS, config_dict, write_config
+from tests.conftest import UPSTREAM_KEYS, chat_each, config_dict, write_config
 from tests.servers import GatewayProcess, RedisServer, free_port, wait_until
 from tests.test_topology import flood
 from tests.upstreams import Upstream
@@ -318,12 +318,7 @@ def test_usage_totals_per_key_model_and_period(
     gateway_url: str, mint: Any, admin: httpx.Client, redis_server: RedisServer
 ) -> None:
     key, key_id = mint()
-    for text in ("a", "b b", "c c c"):
-        httpx.post(
-            gateway_url + "/v1/chat/completions",
-            json={"model": "gpt", "messages": [{"role": "user", "content": text}]},
-            headers={"authorization": f"Bearer {key}"},
-        )
+    chat_each(gateway_url, key, ["a", "b b", "c c c"])
     records = admin.get("/usage", params={"key": key_id}).json()["records"]
     for period in ("day", "month"):
         rows = admin.get("/usage/totals", params={"key": key_id, "period": period}).json()

@@ -196,35 +196,33 @@ def count(chunk: Chunk, usage: StreamUsage, provider: str) -> None:
 
 def _well_formed(chunk: Chunk) -> bool:
     """The parts of a chunk the gateway reads have the types the OpenAI format gives them."""
-    choices = chunk.get("choices")
-    if not isinstance(chunk.get("usage"), dict | None) or not isinstance(choices, list | None):
+    if not _typed(chunk, usage=dict | None, choices=list | None):
         return False
-    return all(_well_formed_choice(choice) for choice in choices or ())
+    return all(_well_formed_choice(choice) for choice in chunk.get("choices") or ())
 
 
 def _well_formed_choice(choice: object) -> bool:
-    if not isinstance(choice, dict):
+    if not isinstance(choice, dict) or not _is_index(choice.get("index", 0)):
         return False
-    delta = choice.get("delta")
-    if not isinstance(delta, dict | None) or not _is_index(choice.get("index", 0)):
+    if not _typed(choice, delta=dict | None, finish_reason=str | None):
         return False
-    if not isinstance(choice.get("finish_reason"), str | None):
+    delta = choice.get("delta") or {}
+    if not _typed(delta, content=str | None, tool_calls=list | None):
         return False
-    delta = delta or {}
-    calls = delta.get("tool_calls")
-    if not isinstance(delta.get("content"), str | None) or not isinstance(calls, list | None):
-        return False
-    return all(_well_formed_call(call) for call in calls or ())
+    return all(_well_formed_call(call) for call in delta.get("tool_calls") or ())
 
 
 def _well_formed_call(call: object) -> bool:
-    if not isinstance(call, dict):
+    if not isinstance(call, dict) or not _is_index(call.get("index", 0)):
         return False
-    function = call.get("function")
-    if not isinstance(function, dict | None) or not _is_index(call.get("index", 0)):
+    if not _typed(call, id=str | None, function=dict | None):
         return False
-    fields = (call.get("id"), *((function or {}).get(n) for n in ("name", "arguments")))
-    return all(isinstance(field, str | None) for field in fields)
+    return _typed(call.get("function") or {}, name=str | None, arguments=str | None)
+
+
+def _typed(fields: dict[str, Any], **types: Any) -> bool:
+    """Each named field, present or not, has its type (None when absent)."""
+    return all(isinstance(fields.get(name), kind) for name, kind in types.items())
 
 
 def _is_index(value: object) -> bool:

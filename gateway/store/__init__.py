@@ -2,7 +2,9 @@
 
 Every Redis call of the gateway goes through `Store.call` or `Store.run`, which turn
 connection failures into `StoreUnavailable` (503); nothing above this module sees a
-redis-py exception.
+redis-py exception. Scripts on a single server run over `Wire` (the hot path's
+pipelined connection); everything else, and every script on a Cluster or behind
+Sentinel, goes through redis-py.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from redis.commands.core import AsyncScript
 
 from gateway.errors import StoreUnavailable
 from gateway.store.topology import POOL_SIZE, connect
+from gateway.store.wire import Wire
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +73,48 @@ class Store:
         self.scripts: dict[str, AsyncScript] = {
             name: self.binary.register_script(load_script(name)) for name in SCRIPTS
         }
+        self.wire = Wire(url) if Wire.serves(url) else None
 
     async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA a script by name (redis-py reloads it once after NOSCRIPT)."""
+        """EVALSHA a script by name, loading it once after NOSCRIPT."""
         script = self.scripts[name]
+        if self.wire is not None:
+            return await self._run_wired(self.wire, script, keys, args)
         if self.wait_replicas:
             return await self.call(lambda: self._run_replicated(script, keys, args))
         return await self.call(lambda: script(keys=keys, args=args))
+
+    async def _run_wired(
+        self, wire: Wire, script: AsyncScript, keys: list[str], args: list[Any]
+    ) -> Any:
+        """EVALSHA (then WAIT, when replicas must have the write) in one round trip, bounded
+        like `call`; no connection slot is taken, as the wire has no pool to exhaust."""
+        commands: list[tuple[Any, ...]] = [("EVALSHA", script.sha, len(keys), *keys, *args)]
+        if self.wait_replicas:
+            commands.append(("WAIT", self.wait_replicas, self.wait_timeout_ms))
+        try:
+            async with asyncio.timeout(COMMAND_SECONDS):
+                for _ in range(2):
+                    answer, *acked = await wire.execute(*commands)
+                    if isinstance(answer, rexc.NoScriptError):
+                        (loaded,) = await wire.execute(("SCRIPT", "LOAD", script.script))
+                        if isinstance(loaded, Exception):
+                            raise loaded
+                        continue
+                    if isinstance(answer, Exception):
+                        raise answer
+                    self._check_replicas(acked[0] if acked else None)
+                    return answer
+                raise rexc.NoScriptError("script could not be loaded")
+        except TimeoutError as exc:
+            wire.reset()  # its connection may be stuck: the next call makes a new one
+            raise _unavailable(exc) from exc
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+
+    def _check_replicas(self, acked: Any) -> None:
+        if isinstance(acked, int) and acked < self.wait_replicas:
+            log.warning("a write reached %d of %d replicas in time", acked, self.wait_replicas)
 
     async def _run_replicated(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA then WAIT in one round trip: the answer comes once replicas have the write."""
@@ -90,8 +128,7 @@ class Store:
                 continue
             if isinstance(answer, Exception):
                 raise answer
-            if isinstance(acked, int) and acked < self.wait_replicas:
-                log.warning("a write reached %d of %d replicas in time", acked, self.wait_replicas)
+            self._check_replicas(acked)
             return answer
         raise rexc.NoScriptError("script could not be loaded")
 
@@ -115,7 +152,7 @@ class Store:
             async with asyncio.timeout(COMMAND_SECONDS):
                 return await self._resending(operation)
         except (*_UNAVAILABLE, *_TORN_DOWN) as exc:  # TimeoutError is an OSError
-            raise StoreUnavailable(f"the store is unavailable: {exc.__class__.__name__}") from exc
+            raise _unavailable(exc) from exc
         finally:
             self._slots.release()
 
@@ -168,5 +205,11 @@ class Store:
         return time.strftime("%Y-%m", time.gmtime(seconds))
 
     async def close(self) -> None:
+        if self.wire is not None:
+            await self.wire.aclose()
         await self.redis.aclose()
         await self.binary.aclose()
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"the store is unavailable: {exc.__class__.__name__}")

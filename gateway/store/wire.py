@@ -1,0 +1,196 @@
+"""The script calls of the hot path, on one pipelined connection per worker.
+
+Through redis-py one EVALSHA runs about 450,000 instructions of Python (its pool, its
+retry and observability wrappers, a packer in Python), a quarter of all a completion
+costs, and a completion makes two. Here hiredis packs each command and parses each
+reply, in C, and one connection carries every call in flight: Redis answers a
+connection's commands in the order it reads them, so each reply goes to the oldest
+caller still waiting, with no pool, lock or task per call (about 100,000 instructions).
+
+Only a single server takes this path (redis://, rediss://, unix://), reached with the
+settings redis-py reads from the same URL: host or socket path, credentials, database
+and TLS. Cluster and Sentinel stay on redis-py, which routes by slot and follows
+failovers. Replies and failures come back as redis-py's exceptions, so `Store` maps them
+to 503s the same way whichever path a call took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from typing import Any, cast
+
+import hiredis
+from redis import exceptions as rexc
+from redis.asyncio.connection import SSLConnection
+from redis.connection import parse_url
+
+SINGLE_SERVER = ("redis", "rediss", "unix")
+ATTEMPTS = 3  # a connection found dead is replaced, and its commands sent again
+RESEND_PAUSE_SECONDS = 0.02
+_ERRORS = {
+    "NOSCRIPT": rexc.NoScriptError,
+    "LOADING": rexc.BusyLoadingError,
+    "READONLY": rexc.ReadOnlyError,
+    "NOAUTH": rexc.AuthenticationError,
+    "WRONGPASS": rexc.AuthenticationError,
+}
+
+
+def error_of(reply: hiredis.ReplyError) -> rexc.ResponseError:
+    """A Redis error reply as the exception redis-py would raise for it."""
+    message = str(reply)
+    kind = _ERRORS.get(message.partition(" ")[0], rexc.ResponseError)
+    return kind(message)  # type: ignore[return-value]
+
+
+class Wire:
+    """Commands to one server over one connection, made on first use and remade when lost.
+
+    A command is sent again on a fresh connection only when the one it went out on was
+    lost before its reply: every script the gateway runs is keyed by its request id, so
+    running one twice changes nothing.
+    """
+
+    def __init__(self, url: str) -> None:
+        settings: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        scheme = url.partition("://")[0]
+        self.path: str | None = settings.get("path")
+        self.host: str = settings.get("host", "localhost")
+        self.port: int = settings.get("port", 6379)
+        self.tls = _tls_context(settings) if scheme == "rediss" else None
+        self.handshake = _handshake(settings)
+        self._connection: _Connection | None = None
+        self._connecting: asyncio.Future[_Connection] | None = None
+
+    @staticmethod
+    def serves(url: str) -> bool:
+        return url.partition("://")[0] in SINGLE_SERVER
+
+    async def execute(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """Send `commands` in one write; their replies, each error reply as an exception
+        instance (raise it or look at it)."""
+        payload = b"".join(hiredis.pack_command(command) for command in commands)
+        for attempt in range(1, ATTEMPTS + 1):
+            connection = await self._connected()
+            try:
+                return await connection.send(payload, len(commands))
+            except rexc.ConnectionError:
+                if attempt == ATTEMPTS:
+                    raise
+                await asyncio.sleep(RESEND_PAUSE_SECONDS * attempt)
+        raise AssertionError("unreachable")
+
+    def reset(self) -> None:
+        """Drop the connection (a call on it timed out: it may be stuck); the next call
+        makes a new one."""
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.loop.is_closed():
+            connection.abort()
+
+    async def aclose(self) -> None:
+        self.reset()
+
+    async def _connected(self) -> _Connection:
+        connection, loop = self._connection, asyncio.get_running_loop()
+        if connection is not None and connection.open and connection.loop is loop:
+            return connection
+        if self._connecting is None or self._connecting.get_loop() is not loop:
+            # One connect at a time; the other callers wait for it.
+            self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting.add_done_callback(self._connected_or_failed)
+        return await asyncio.shield(self._connecting)
+
+    def _connected_or_failed(self, attempt: asyncio.Future[_Connection]) -> None:
+        if self._connecting is attempt:
+            self._connecting = None
+        if not attempt.cancelled() and attempt.exception() is None:
+            self._connection = attempt.result()
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            if self.path:
+                _, connection = await loop.create_unix_connection(_Connection, self.path)
+            else:
+                _, connection = await loop.create_connection(
+                    _Connection, self.host, self.port, ssl=self.tls
+                )
+        except (OSError, ssl.SSLError) as exc:
+            raise rexc.ConnectionError(f"cannot connect to the store: {exc}") from exc
+        if self.handshake:
+            payload = b"".join(hiredis.pack_command(command) for command in self.handshake)
+            for reply in await connection.send(payload, len(self.handshake)):
+                if isinstance(reply, Exception):
+                    connection.abort()
+                    raise reply
+        return connection
+
+
+class _Connection(asyncio.Protocol):
+    """One connection: replies are matched to waiting callers in the order sent."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.waiting: deque[tuple[asyncio.Future[list[Any]], list[Any], int]] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        self.open = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport, self.open = cast(asyncio.Transport, transport), True
+
+    def send(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
+        if not self.open or self.transport is None:
+            raise rexc.ConnectionError("the connection to the store was lost")
+        answered: asyncio.Future[list[Any]] = self.loop.create_future()
+        self.waiting.append((answered, [], count))
+        self.transport.write(payload)
+        return answered
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        try:
+            self._hand_out()
+        except (hiredis.ProtocolError, IndexError):  # not Redis, or a reply nobody asked for
+            self.abort()
+
+    def _hand_out(self) -> None:
+        while (reply := self.reader.gets()) is not False:
+            answered, replies, count = self.waiting[0]
+            replies.append(error_of(reply) if isinstance(reply, hiredis.ReplyError) else reply)
+            if len(replies) == count:
+                self.waiting.popleft()
+                if not answered.done():  # else its caller gave up waiting
+                    answered.set_result(replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        lost = rexc.ConnectionError("the connection to the store was lost")
+        while self.waiting:
+            answered, _, _ = self.waiting.popleft()
+            if not answered.done():
+                answered.set_exception(lost)
+
+    def abort(self) -> None:
+        self.open = False
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _handshake(settings: dict[str, Any]) -> list[tuple[Any, ...]]:
+    commands: list[tuple[Any, ...]] = []
+    if settings.get("password"):
+        user, password = settings.get("username"), settings["password"]
+        commands.append(("AUTH", user, password) if user else ("AUTH", password))
+    if settings.get("db"):
+        commands.append(("SELECT", settings["db"]))
+    return commands
+
+
+def _tls_context(settings: dict[str, Any]) -> ssl.SSLContext:
+    """The TLS context redis-py would use for the same URL (ssl_ca_certs, ssl_certfile...)."""
+    options = {k: v for k, v in settings.items() if k.startswith("ssl_")}
+    connection = SSLConnection(host=settings.get("host", "localhost"), **options)
+    return connection.ssl_context.get()

@@ -1,0 +1,191 @@
+"""The hot path's pipelined connection: order, errors, reconnects, timeouts, URL settings."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+import redis
+from redis import exceptions as rexc
+
+from gateway import store as store_module
+from gateway.errors import StoreUnavailable
+from gateway.store import Store
+from gateway.store.wire import Wire
+from tests.servers import RedisServer
+
+pytestmark = [pytest.mark.redis]
+
+ECHO_SCRIPT = "return {ARGV[1], redis.call('INCR', KEYS[1])}"
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    redis_server = RedisServer().start()
+    yield redis_server
+    redis_server.stop()
+
+
+async def test_concurrent_calls_on_one_connection_each_get_their_own_reply(
+    server: RedisServer,
+) -> None:
+    wire = Wire(server.url)
+    try:
+        replies = await asyncio.gather(*(wire.execute(("ECHO", f"n{i}")) for i in range(500)))
+        assert replies == [[f"n{i}".encode()] for i in range(500)]
+        clients = server.client().client_list()
+        assert len([c for c in clients if c["cmd"] == "echo"]) == 1  # one connection carried all
+    finally:
+        await wire.aclose()
+
+
+async def test_several_commands_answer_together_and_errors_come_back_as_exceptions(
+    server: RedisServer,
+) -> None:
+    wire = Wire(server.url)
+    try:
+        server.client().set("text", "x")
+        missing, wrong_type, fine = await wire.execute(
+            ("EVALSHA", "0" * 40, 0), ("INCR", "text"), ("INCR", "counter")
+        )
+        assert isinstance(missing, rexc.NoScriptError)
+        assert type(wrong_type) is rexc.ResponseError and "not an integer" in str(wrong_type)
+        assert fine == 1
+    finally:
+        await wire.aclose()
+
+
+async def test_store_reloads_a_flushed_script_and_runs_it(server: RedisServer) -> None:
+    store = Store(server.url)
+    try:
+        store.scripts["echo"] = store.binary.register_script(ECHO_SCRIPT)
+        assert await store.run("echo", ["{t}:n"], ["a"]) == [b"a", 1]
+        server.client().script_flush()
+        assert await store.run("echo", ["{t}:n"], ["b"]) == [b"b", 2]
+    finally:
+        await store.close()
+
+
+async def test_a_killed_connection_is_replaced_and_the_command_sent_again(
+    server: RedisServer,
+) -> None:
+    wire = Wire(server.url)
+    try:
+        assert await wire.execute(("INCR", "n")) == [1]
+        killed = server.client().client_kill_filter(_type="normal", skipme=True)
+        assert killed >= 1
+        assert await wire.execute(("INCR", "n")) == [2]
+    finally:
+        await wire.aclose()
+
+
+async def test_store_down_is_a_503_and_a_restarted_store_serves_again(
+    server: RedisServer,
+) -> None:
+    store = Store(server.url)
+    store.scripts["echo"] = store.binary.register_script(ECHO_SCRIPT)
+    try:
+        assert await store.run("echo", ["{t}:n"], ["a"]) == [b"a", 1]
+        server.kill()
+        with pytest.raises(StoreUnavailable):
+            await store.run("echo", ["{t}:n"], ["b"])
+        server.start()  # same port, empty data, no scripts loaded
+        assert await store.run("echo", ["{t}:n"], ["c"]) == [b"c", 1]
+    finally:
+        await store.close()
+
+
+async def test_a_stuck_call_times_out_as_a_503_and_the_next_call_reconnects(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "COMMAND_SECONDS", 0.5)
+    store = Store(server.url)
+    store.scripts["echo"] = store.binary.register_script(ECHO_SCRIPT)
+    try:
+        assert await store.run("echo", ["{t}:n"], ["a"]) == [b"a", 1]
+        server.client().execute_command("CLIENT", "PAUSE", "1500", "ALL")
+        with pytest.raises(StoreUnavailable, match="TimeoutError"):
+            await store.run("echo", ["{t}:n"], ["b"])
+        await asyncio.sleep(1.2)  # the pause ends; the stuck connection was dropped
+        # The timed-out call may have run after all (scripts are idempotent by request id).
+        answer = await store.run("echo", ["{t}:n"], ["c"])
+        assert answer[0] == b"c" and answer[1] in (2, 3)
+    finally:
+        await store.close()
+
+
+async def test_password_and_database_from_the_url() -> None:
+    server = RedisServer()
+    server.extra_args = ["--requirepass", "s3cret"]
+    server.url = f"redis://:s3cret@127.0.0.1:{server.port}/3"
+    server.start()
+    store = Store(server.url)
+    store.scripts["echo"] = store.binary.register_script(ECHO_SCRIPT)
+    try:
+        assert await store.run("echo", ["{t}:n"], ["a"]) == [b"a", 1]
+        assert server.client().get("{t}:n") == "1"  # the client() of this URL reads db 3
+        wrong = Store(f"redis://:wrong@127.0.0.1:{server.port}/3")
+        wrong.scripts["echo"] = store.scripts["echo"]
+        with pytest.raises(StoreUnavailable, match="AuthenticationError"):
+            await wrong.run("echo", ["{t}:n"], ["b"])
+        await wrong.close()
+    finally:
+        await store.close()
+        server.stop()
+
+
+async def test_a_unix_socket_url() -> None:
+    folder = tempfile.mkdtemp(prefix="gw-sock-")
+    path = os.path.join(folder, "redis.sock")
+    server = RedisServer()
+    server.extra_args = ["--unixsocket", path]
+    server.start()
+    store = Store(f"unix://{path}?db=2")
+    store.scripts["echo"] = store.binary.register_script(ECHO_SCRIPT)
+    try:
+        assert await store.run("echo", ["{t}:n"], ["a"]) == [b"a", 1]
+        assert redis.Redis(unix_socket_path=path, db=2).get("{t}:n") == b"1"
+        assert redis.Redis(unix_socket_path=path, db=0).get("{t}:n") is None
+    finally:
+        await store.close()
+        server.stop()
+
+
+def test_one_store_serves_one_event_loop_after_another(server: RedisServer) -> None:
+    store = Store(server.url)
+    store.scripts["echo"] = store.binary.register_script(ECHO_SCRIPT)
+
+    async def once(text: str) -> list[bytes]:
+        answer: list[bytes] = await store.run("echo", ["{t}:n"], [text])
+        return answer
+
+    assert asyncio.run(once("a")) == [b"a", 1]
+    assert asyncio.run(once("b")) == [b"b", 2]  # a connection belongs to its loop
+    asyncio.run(store.close())
+
+
+def test_cluster_and_sentinel_urls_stay_on_redis_py() -> None:
+    assert Wire.serves("redis://h:6379/0") and Wire.serves("rediss://h:6380/0")
+    assert Wire.serves("unix:///run/redis.sock")
+    assert not Wire.serves("redis+cluster://h:7000")
+    assert not Wire.serves("redis+sentinel://h:26379/mymaster")
+
+
+async def test_a_server_that_does_not_speak_redis_is_a_lost_connection() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")  # not RESP: hiredis rejects it
+        await writer.drain()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    wire = Wire(f"redis://127.0.0.1:{port}/0")
+    try:
+        with pytest.raises(rexc.ConnectionError, match="lost"):
+            await wire.execute(("PING",))
+    finally:
+        await wire.aclose()
+        server.close()

@@ -63,6 +63,7 @@ CANNED: dict[str, tuple[str, bytes]] = {
     "bad-usage-later": (SSE, GOOD + _chunk({}, "stop", usage={"prompt_tokens": "abc"})),
     "ends-without-done": (SSE, GOOD),
     "bom-then-whole": (SSE, b"\xef\xbb\xbf" + GOOD + STOP),
+    "whole": (JSON, _message(3)),
 }
 
 
@@ -74,6 +75,7 @@ class Canned:
         self.heads: list[bytes] = []
         self.model = ""  # which canned answer to send
         self.redirect_to = ""
+        self.cookie = b""  # a set-cookie header line to add to each answer
         self.loop = asyncio.new_event_loop()
         self.server = self.loop.run_until_complete(
             asyncio.start_server(self._answer, "127.0.0.1", 0)
@@ -95,6 +97,7 @@ class Canned:
             else:
                 kind, body = CANNED[self.model]
                 head = b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+                head += self.cookie.replace(b"%", b"%%")
                 head += b"connection: close\r\n\r\n"  # or a pooled reuse may hit the close
                 writer.write(head % (kind.encode(), len(body)) + body)
             await writer.drain()
@@ -122,10 +125,19 @@ def gateway(
         "type": "openai", "base_url": f"http://127.0.0.1:{canned.port}/v1",
         "api_key_env": "OPENAI_STANDIN_KEY", "timeout_seconds": 3,
     }  # fmt: skip
+    # By name: aiohttp would keep no cookie from an IP address anyway.
+    raw["providers"]["canned-by-name"] = {
+        **raw["providers"]["canned"],
+        "base_url": f"http://localhost:{canned.port}/v1",
+    }
     price = {k: raw["models"]["gpt"][k] for k in ("input_per_1k", "output_per_1k")}
     raw["models"]["canned-first"] = {
         **price,
         "routes": [{"provider": "canned", "model": "x"}, {"provider": "claude", "model": "c"}],
+    }
+    raw["models"]["canned-by-name"] = {
+        **price,
+        "routes": [{"provider": "canned-by-name", "model": "x"}],
     }
     server = ThreadServer(create_app(config_module.parse(raw, "hostile"), redis_url)).start()
     yield server.url
@@ -180,6 +192,22 @@ def test_hostile_answer_fails_its_route_and_the_books_balance(
             assert answer.outcome == "served"
     settle_down(redis_server.client(), timeout=3)
     assert audit(redis_server.client(), traffic.answers, FIGURES) == []
+
+
+def test_a_cookie_one_answer_sets_never_reaches_the_upstream_again(
+    gateway: str, canned: Canned, admin_key: str
+) -> None:
+    """One upstream session serves every consumer: what a provider tells one of them to
+    send back must not ride along on the next one's request."""
+    canned.model = "whole"
+    canned.cookie = b"set-cookie: session=consumer-a; Path=/\r\n"
+    traffic = Traffic(gateway, FIGURES, http=HTTP)
+    for _ in range(2):
+        key, _ = mint(gateway, admin_key)
+        answer = traffic.complete(key, model="canned-by-name", content="cookie")
+        assert answer.status == 200, answer.body
+    assert len(canned.heads) == 2
+    assert all(b"\r\ncookie:" not in head.lower() for head in canned.heads)
 
 
 def test_redirects_are_not_followed(

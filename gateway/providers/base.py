@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
+from yarl import URL
 
 from gateway.config import ProviderConfig
 from gateway.errors import ProviderFailure, UpstreamRejected
@@ -74,6 +75,7 @@ class HTTPProvider:
             total=None, sock_connect=min(seconds, 10), sock_read=seconds
         )
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
         self.request_headers = self.headers()  # the same on every call: built once
 
     @property
@@ -83,13 +85,26 @@ class HTTPProvider:
             # Idle connections are dropped after 5 s, sooner than most servers drop them:
             # a request sent on a connection the server is closing fails its route.
             connector = aiohttp.TCPConnector(limit=1000, keepalive_timeout=5)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self.timeout,
+                # One session serves every consumer: a cookie one answer sets must never
+                # ride along on another consumer's request (and none are kept or parsed).
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
         return self._session
+
+    def url(self, path: str) -> URL:
+        """The upstream URL of `path`, parsed once."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.base_url + path)
+        return url
 
     async def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
             async with self.session.post(
-                self.base_url + path,
+                self.url(path),
                 data=orjson.dumps(body),
                 headers=self.request_headers,
                 allow_redirects=False,  # a redirect must not carry the key elsewhere
@@ -110,7 +125,7 @@ class HTTPProvider:
     async def open_stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[Events]:
         try:
             response = await self.session.post(
-                self.base_url + path,
+                self.url(path),
                 data=orjson.dumps(body),
                 headers=self.request_headers,
                 allow_redirects=False,  # a redirect must not carry the key elsewhere

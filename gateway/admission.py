@@ -96,7 +96,7 @@ class Gate:
             raise
         status, limit, remaining, reset_ms, detail, cap_used_ppm = answer[:6]
         if cap_used_ppm >= 0 and self.key_labels:
-            metrics.KEY_CAP_USED.labels(key_id).set(cap_used_ppm / 1_000_000)
+            metrics.child(metrics.KEY_CAP_USED, key_id).set(cap_used_ppm / 1_000_000)
         if status == ADMITTED:
             metrics.OPEN_RESERVATIONS.inc()
             entry = answer[6] if len(answer) > 6 and answer[6] else None

@@ -13,6 +13,7 @@ for fleets with many keys, and with it the per-key cap gauge.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from typing import Any
@@ -67,6 +68,14 @@ KEY_CAP_USED = Gauge(
 )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=4096)
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, looked up once: prometheus_client checks and converts the
+    labels and takes a lock on every call. Children are never removed, so a cached one
+    stays the metric's own."""
+    return metric.labels(*labels)
+
+
 class Recorder:
     """Turns one finished request's log fields into samples."""
 
@@ -79,21 +88,21 @@ class Recorder:
         model = str(fields.get("model", "-"))
         provider = str(fields.get("provider", "-"))
         cache = str(fields.get("cache", "-"))
-        REQUESTS.labels(model, provider, str(status), cache).inc()
+        child(REQUESTS, model, provider, str(status), cache).inc()
         if status in REFUSAL_REASONS:
-            REFUSALS.labels(REFUSAL_REASONS[status]).inc()
+            child(REFUSALS, REFUSAL_REASONS[status]).inc()
         upstream = float(fields.get("upstream_seconds", 0.0))
-        OVERHEAD.labels(model).observe(max(seconds - upstream, 0.0))
+        child(OVERHEAD, model).observe(max(seconds - upstream, 0.0))
         if upstream:
-            UPSTREAM.labels(provider).observe(upstream)
+            child(UPSTREAM, provider).observe(upstream)
         for direction in ("input", "output"):
             tokens = fields.get(f"{direction}_tokens")
             if tokens and cache != "hit":  # a hit consumed no provider tokens
-                TOKENS.labels(model, direction).inc(tokens)
+                child(TOKENS, model, direction).inc(tokens)
         cost = fields.get("cost")
         if cost:
             key = str(fields.get("key", "-")) if self.per_key_labels else "-"
-            SPEND.labels(model, key).inc(cost)
+            child(SPEND, model, key).inc(cost)
 
 
 def provider_failure(model: str, provider: str, reason: str) -> None:

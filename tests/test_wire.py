@@ -189,3 +189,28 @@ async def test_a_server_that_does_not_speak_redis_is_a_lost_connection() -> None
     finally:
         await wire.aclose()
         server.close()
+
+
+async def test_wait_replicas_sends_wait_behind_the_script_in_the_same_write(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    replica = RedisServer()
+    replica.extra_args = ["--replicaof", "127.0.0.1", str(server.port)]
+    replica.start()
+    store = Store(server.url, wait_replicas=1, wait_timeout_ms=2000)
+    store.scripts["echo"] = store.binary.register_script(ECHO_SCRIPT)
+    try:
+        for _ in range(100):  # until the replica's link is up
+            if replica.client().info("replication")["master_link_status"] == "up":
+                break
+            await asyncio.sleep(0.05)
+        for n in range(1, 4):
+            assert await store.run("echo", ["{t}:n"], ["a"]) == [b"a", n]
+            assert replica.client().get("{t}:n") == str(n)  # there before the answer
+        replica.kill()
+        with caplog.at_level("WARNING", logger="gateway.store"):
+            assert await store.run("echo", ["{t}:n"], ["b"]) == [b"b", 4]
+        assert "a write reached 0 of 1 replicas in time" in caplog.text
+    finally:
+        await store.close()
+        replica.stop()

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -89,12 +90,17 @@ def count(run: procs.Processes, source: Path, kind: str, requests: int) -> tuple
     gateway.key = services.mint_key(gateway)
     model = services.STREAM if kind == "stream" else services.PLAIN
     target = loadgen.Target(gateway.url, "/v1/chat/completions", gateway.key, model)
-    load = {"fixed": kind == "hit", "salt": loadgen.new_salt(), "stream": kind == "stream"}
-    loadgen.wrk(target, 1, limit=WARM_UP, cpus="0", **load)
+    salt = loadgen.new_salt()
+
+    def send(limit: int) -> dict[str, Any]:
+        fixed, stream = kind == "hit", kind == "stream"
+        return loadgen.wrk(target, 1, limit=limit, cpus="0", fixed=fixed, stream=stream, salt=salt)
+
+    send(WARM_UP)
     control(process.pid, "--instr=on")
     time.sleep(1)
     control(process.pid, "--zero")
-    row = loadgen.wrk(target, 1, limit=requests, cpus="0", **load)
+    row = send(requests)
     time.sleep(2)  # the last settlement runs after its response
     control(process.pid, "--dump")
     if row["errors"]:

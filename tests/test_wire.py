@@ -129,9 +129,13 @@ async def test_password_and_database_from_the_url() -> None:
         assert server.client().get("{t}:n") == "1"  # the client() of this URL reads db 3
         wrong = Store(f"redis://:wrong@127.0.0.1:{server.port}/3")
         wrong.scripts["echo"] = store.scripts["echo"]
+        connections = server.client().info("stats")["total_connections_received"]
         with pytest.raises(StoreUnavailable, match="AuthenticationError"):
             await wrong.run("echo", ["{t}:n"], ["b"])
         await wrong.close()
+        # Refused credentials are not tried again (one of the two is the INFO client).
+        after = server.client().info("stats")["total_connections_received"]
+        assert after == connections + 2
     finally:
         await store.close()
         server.stop()

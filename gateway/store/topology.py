@@ -87,7 +87,7 @@ def _sentinel(url: str, decode: bool) -> aioredis.Redis:
         raise ValueError("a redis+sentinel:// URL names the master: .../mymaster")
     service, db = path[0], int(path[1]) if len(path) > 1 else 0
     password = unquote(parts.password) if parts.password else None
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2 on
         _hosts(parts.netloc, 26379),
         **_RETRY,
         sentinel_kwargs={"socket_timeout": 1.0, "socket_connect_timeout": 1.0},

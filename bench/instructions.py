@@ -83,7 +83,8 @@ def count(run: procs.Processes, source: Path, kind: str, requests: int) -> tuple
         str(services.BIN / "python"), "-m", "gateway", "serve", "--port", str(port),
         "--workers", "1", "--config", str(config),
     ]  # fmt: skip
-    process = run.start("gateway", procs.pinned(command, "1"), env)
+    # `python -m` puts the working folder first on the path, ahead of PYTHONPATH.
+    process = run.start("gateway", procs.pinned(command, "1"), env, cwd=source)
     gateway = services.Gateway(port, process.pid, 1)
     ready = lambda: httpx.get(gateway.url + "/readyz", timeout=30).is_success  # noqa: E731
     procs.wait_until(ready, "the gateway under valgrind", timeout=300)

@@ -64,7 +64,11 @@ class Processes:
         self.started: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def start(
-        self, name: str, command: Sequence[str], env: dict[str, str] | None = None
+        self,
+        name: str,
+        command: Sequence[str],
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"{name}.log").open("wb")
         process = subprocess.Popen(
@@ -73,6 +77,7 @@ class Processes:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
+            cwd=cwd,
             start_new_session=True,
             preexec_fn=_child_setup,
         )

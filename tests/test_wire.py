@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -115,6 +116,70 @@ async def test_a_stuck_call_times_out_as_a_503_and_the_next_call_reconnects(
         assert answer[0] == b"c" and answer[1] in (2, 3)
     finally:
         await store.close()
+
+
+async def test_a_stuck_call_fails_within_a_quarter_deadline_past_it_and_is_not_sent_again(
+    server: RedisServer,
+) -> None:
+    wire = Wire(server.url, deadline=0.4)
+    try:
+        assert await wire.execute(("INCR", "n")) == [1]
+        server.client().execute_command("CLIENT", "PAUSE", "1500", "ALL")
+        started = time.monotonic()
+        with pytest.raises(rexc.TimeoutError, match=r"did not answer within 0\.4 s"):
+            await wire.execute(("INCR", "n"))
+        assert 0.4 <= time.monotonic() - started < 0.4 * 1.25 + 0.1
+        await asyncio.sleep(1.3)  # the pause ends
+        # Redis drops the paused command of a connection closed meanwhile: had the stuck
+        # INCR been sent again on a new connection, it would have run and this would be 3.
+        assert await wire.execute(("INCR", "n")) == [2]
+    finally:
+        await wire.aclose()
+
+
+async def test_an_idle_connection_outlives_many_deadlines(server: RedisServer) -> None:
+    wire = Wire(server.url, deadline=0.1)
+    try:
+        assert await wire.execute(("INCR", "n")) == [1]
+        await asyncio.sleep(0.6)  # six deadlines with nothing waiting: the watchdog holds off
+        assert await wire.execute(("INCR", "n")) == [2]
+        clients = server.client().client_list()
+        assert len([c for c in clients if c["cmd"] == "incr"]) == 1
+    finally:
+        await wire.aclose()
+
+
+async def test_a_handshake_that_never_ends_is_a_timeout() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # takes the TLS hello, never answers it
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    wire = Wire(f"rediss://127.0.0.1:{port}/0", deadline=0.3)
+    try:
+        with pytest.raises(rexc.TimeoutError, match=r"no connection to the store in 0\.3 s"):
+            await wire.execute(("PING",))
+    finally:
+        await wire.aclose()
+        server.close()
+
+
+async def test_a_write_waiting_for_replicas_gets_the_wait_timeout_on_top_of_the_deadline(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "COMMAND_SECONDS", 0.3)
+    replica = RedisServer()
+    replica.extra_args = ["--replicaof", "127.0.0.1", str(server.port)]
+    replica.start()
+    store = Store(server.url, wait_replicas=2, wait_timeout_ms=800)  # one replica: WAIT waits
+    store.scripts["echo"] = store.binary.register_script(ECHO_SCRIPT)
+    try:
+        started = time.monotonic()
+        assert await store.run("echo", ["{t}:n"], ["a"]) == [b"a", 1]
+        assert time.monotonic() - started >= 0.8  # past COMMAND_SECONDS, and answered
+    finally:
+        await store.close()
+        replica.stop()
 
 
 async def test_password_and_database_from_the_url() -> None:

@@ -73,7 +73,9 @@ class Store:
         self.scripts: dict[str, AsyncScript] = {
             name: self.binary.register_script(load_script(name)) for name in SCRIPTS
         }
-        self.wire = Wire(url) if Wire.serves(url) else None
+        # A write waits up to wait_timeout_ms for its replicas on top of its own time.
+        self.deadline = COMMAND_SECONDS + (wait_timeout_ms / 1000 if wait_replicas else 0)
+        self.wire = Wire(url, self.deadline) if Wire.serves(url) else None
 
     async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA a script by name, loading it once after NOSCRIPT."""
@@ -87,28 +89,25 @@ class Store:
     async def _run_wired(
         self, wire: Wire, script: AsyncScript, keys: list[str], args: list[Any]
     ) -> Any:
-        """EVALSHA (then WAIT, when replicas must have the write) in one round trip, bounded
-        like `call`; no connection slot is taken, as the wire has no pool to exhaust."""
+        """EVALSHA (then WAIT, when replicas must have the write) in one round trip. No
+        connection slot is taken, as the wire has no pool to exhaust, and no timer: the
+        wire fails a call its connection leaves unanswered past the deadline."""
         commands: list[tuple[Any, ...]] = [("EVALSHA", script.sha, len(keys), *keys, *args)]
         if self.wait_replicas:
             commands.append(("WAIT", self.wait_replicas, self.wait_timeout_ms))
         try:
-            async with asyncio.timeout(COMMAND_SECONDS):
-                for _ in range(2):
-                    answer, *acked = await wire.execute(*commands)
-                    if isinstance(answer, rexc.NoScriptError):
-                        (loaded,) = await wire.execute(("SCRIPT", "LOAD", script.script))
-                        if isinstance(loaded, Exception):
-                            raise loaded
-                        continue
-                    if isinstance(answer, Exception):
-                        raise answer
-                    self._check_replicas(acked[0] if acked else None)
-                    return answer
-                raise rexc.NoScriptError("script could not be loaded")
-        except TimeoutError as exc:
-            wire.reset()  # its connection may be stuck: the next call makes a new one
-            raise _unavailable(exc) from exc
+            for _ in range(2):
+                answer, *acked = await wire.execute(*commands)
+                if isinstance(answer, rexc.NoScriptError):
+                    (loaded,) = await wire.execute(("SCRIPT", "LOAD", script.script))
+                    if isinstance(loaded, Exception):
+                        raise loaded
+                    continue
+                if isinstance(answer, Exception):
+                    raise answer
+                self._check_replicas(acked[0] if acked else None)
+                return answer
+            raise rexc.NoScriptError("script could not be loaded")
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
 
@@ -135,8 +134,8 @@ class Store:
     async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation, waiting for a free connection slot first.
 
-        The operation gets COMMAND_SECONDS in all: one timer here, instead of redis-py's
-        per-command socket timeouts (a task and a timer per command on the hot path).
+        The operation gets the store's deadline in all: one timer here, instead of
+        redis-py's per-command socket timeouts (a task and a timer per command).
         """
         if self._slots.locked():
             try:
@@ -149,7 +148,7 @@ class Store:
         else:
             await self._slots.acquire()  # a free slot: taken at once, no timer needed
         try:
-            async with asyncio.timeout(COMMAND_SECONDS):
+            async with asyncio.timeout(self.deadline):
                 return await self._resending(operation)
         except (*_UNAVAILABLE, *_TORN_DOWN) as exc:  # TimeoutError is an OSError
             raise _unavailable(exc) from exc

@@ -5,7 +5,10 @@ retry and observability wrappers, a packer in Python), a quarter of all a comple
 costs, and a completion makes two. Here hiredis packs each command and parses each
 reply, in C, and one connection carries every call in flight: Redis answers a
 connection's commands in the order it reads them, so each reply goes to the oldest
-caller still waiting, with no pool, lock or task per call (about 100,000 instructions).
+caller still waiting, with no pool, lock, task or timer per call (about 100,000
+instructions). One watchdog per connection, ticking a few times per deadline, fails
+every call on it when the oldest has waited past the deadline: a timer per call would
+cost more than the rest of the call's Python.
 
 Only a single server takes this path (redis://, rediss://, unix://), reached with the
 settings redis-py reads from the same URL: host or socket path, credentials, database
@@ -17,9 +20,10 @@ to 503s the same way whichever path a call took.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections import deque
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import hiredis
 from redis import exceptions as rexc
@@ -29,6 +33,7 @@ from redis.connection import parse_url
 SINGLE_SERVER = ("redis", "rediss", "unix")
 ATTEMPTS = 3  # a connection found dead is replaced, and its commands sent again
 RESEND_PAUSE_SECONDS = 0.02
+TICKS_PER_DEADLINE = 4  # a stuck call fails between 1 and 1.25 deadlines after it was sent
 _ERRORS = {
     "NOSCRIPT": rexc.NoScriptError,
     "LOADING": rexc.BusyLoadingError,
@@ -50,10 +55,12 @@ class Wire:
 
     A command is sent again on a fresh connection only when the one it went out on was
     lost before its reply: every script the gateway runs is keyed by its request id, so
-    running one twice changes nothing.
+    running one twice changes nothing. A connection that takes longer than `deadline`
+    seconds to open, or to answer its oldest command, raises redis-py's TimeoutError,
+    never sent again (the server may be stuck, not gone), and is dropped.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, deadline: float = 5.0) -> None:
         settings: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         scheme = url.partition("://")[0]
         self.path: str | None = settings.get("path")
@@ -61,6 +68,7 @@ class Wire:
         self.port: int = settings.get("port", 6379)
         self.tls = _tls_context(settings) if scheme == "rediss" else None
         self.handshake = _handshake(settings)
+        self.deadline = deadline
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
 
@@ -82,15 +90,11 @@ class Wire:
                 await asyncio.sleep(RESEND_PAUSE_SECONDS * attempt)
         raise AssertionError("unreachable")
 
-    def reset(self) -> None:
-        """Drop the connection (a call on it timed out: it may be stuck); the next call
-        makes a new one."""
+    async def aclose(self) -> None:
+        """Drop the connection; a later call makes a new one."""
         connection, self._connection = self._connection, None
         if connection is not None and not connection.loop.is_closed():
             connection.abort()
-
-    async def aclose(self) -> None:
-        self.reset()
 
     async def _connected(self) -> _Connection:
         connection, loop = self._connection, asyncio.get_running_loop()
@@ -110,13 +114,17 @@ class Wire:
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
+        made = functools.partial(_Connection, self.deadline)
         try:
-            if self.path:
-                _, connection = await loop.create_unix_connection(_Connection, self.path)
-            else:
-                _, connection = await loop.create_connection(
-                    _Connection, self.host, self.port, ssl=self.tls
-                )
+            async with asyncio.timeout(self.deadline):
+                if self.path:
+                    _, connection = await loop.create_unix_connection(made, self.path)
+                else:
+                    _, connection = await loop.create_connection(
+                        made, self.host, self.port, ssl=self.tls
+                    )
+        except TimeoutError as exc:
+            raise rexc.TimeoutError(f"no connection to the store in {self.deadline} s") from exc
         except (OSError, ssl.SSLError) as exc:
             raise rexc.ConnectionError(f"cannot connect to the store: {exc}") from exc
         if self.handshake:
@@ -128,26 +136,43 @@ class Wire:
         return connection
 
 
+class _Waiter(NamedTuple):
+    answered: asyncio.Future[list[Any]]
+    replies: list[Any]
+    expected: int  # replies
+    sent: float  # event-loop time
+
+
 class _Connection(asyncio.Protocol):
     """One connection: replies are matched to waiting callers in the order sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
         self.reader = hiredis.Reader()
-        self.waiting: deque[tuple[asyncio.Future[list[Any]], list[Any], int]] = deque()
+        self.waiting: deque[_Waiter] = deque()
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self.open = False
+        self.deadline = deadline
+        self.watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport, self.open = cast(asyncio.Transport, transport), True
+        self._watch()
 
     def send(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
         if not self.open or self.transport is None:
             raise rexc.ConnectionError("the connection to the store was lost")
         answered: asyncio.Future[list[Any]] = self.loop.create_future()
-        self.waiting.append((answered, [], count))
+        self.waiting.append(_Waiter(answered, [], count, self.loop.time()))
         self.transport.write(payload)
         return answered
+
+    def _watch(self) -> None:
+        if self.waiting and self.loop.time() - self.waiting[0].sent > self.deadline:
+            stuck = rexc.TimeoutError(f"the store did not answer within {self.deadline} s")
+            self.abort(stuck)
+            return
+        self.watchdog = self.loop.call_later(self.deadline / TICKS_PER_DEADLINE, self._watch)
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -158,7 +183,7 @@ class _Connection(asyncio.Protocol):
 
     def _hand_out(self) -> None:
         while (reply := self.reader.gets()) is not False:
-            answered, replies, count = self.waiting[0]
+            answered, replies, count, _ = self.waiting[0]
             replies.append(error_of(reply) if isinstance(reply, hiredis.ReplyError) else reply)
             if len(replies) == count:
                 self.waiting.popleft()
@@ -166,17 +191,22 @@ class _Connection(asyncio.Protocol):
                     answered.set_result(replies)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.open = False
-        lost = rexc.ConnectionError("the connection to the store was lost")
-        while self.waiting:
-            answered, _, _ = self.waiting.popleft()
-            if not answered.done():
-                answered.set_exception(lost)
+        self._fail(rexc.ConnectionError("the connection to the store was lost"))
 
-    def abort(self) -> None:
-        self.open = False
+    def abort(self, reason: rexc.RedisError | None = None) -> None:
+        """Close at once; the calls still waiting fail with `reason` (default: lost)."""
+        self._fail(reason or rexc.ConnectionError("the connection to the store was lost"))
         if self.transport is not None:
             self.transport.abort()
+
+    def _fail(self, reason: rexc.RedisError) -> None:
+        self.open = False
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        while self.waiting:
+            answered = self.waiting.popleft().answered
+            if not answered.done():
+                answered.set_exception(reason)
 
 
 def _handshake(settings: dict[str, Any]) -> list[tuple[Any, ...]]:

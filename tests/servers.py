@@ -147,7 +147,10 @@ class GatewayProcess:
         ]  # fmt: skip
         if config_path:
             self.args += ["--config", str(config_path)]
-        self.env = {**os.environ, **env}
+        # A temporary folder of its own (for its metrics folder), removed once it is
+        # gone: a SIGKILLed gateway cannot clean up after itself.
+        self.tmp = None if "TMPDIR" in env else tempfile.mkdtemp(prefix="gw-tmp-")
+        self.env = {**os.environ, **env, **({"TMPDIR": self.tmp} if self.tmp else {})}
         self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -187,6 +190,8 @@ class GatewayProcess:
             self.log.seek(0)
             self.logged = self.log.read().decode(errors="replace")
             self.log.close()
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
         return self.logged
 
 

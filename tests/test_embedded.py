@@ -160,6 +160,7 @@ def test_sigkilled_gateway_leaves_no_store_or_worker_behind(
     gateway.process.kill()
     gateway.process.wait()
     wait_until(lambda: not any(_alive(pid) for pid in children), timeout=10)
+    gateway.stop()  # collects the log and removes its temporary folder
 
 
 def _children(pid: int) -> list[int]:

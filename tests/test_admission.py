@@ -187,3 +187,40 @@ async def test_the_answer_does_not_wait_for_settlement_and_the_reservation_holds
     assert (settled, records) == (0, 0) and reserved > 0  # answered, not yet settled
     cost = round(float(response.headers["x-gateway-cost"]) * 1e9)
     await asyncio.to_thread(wait_until, lambda: spend_state(redis_server, key_id) == (cost, 0, 1))
+
+
+async def test_a_settlement_that_fails_after_the_answer_is_logged_and_the_worker_serves_on(
+    gateway_url: str,
+    mint: Any,
+    redis_server: RedisServer,
+    upstreams: dict[str, Upstream],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A settlement the store rejects (not one it is away for) fails after the response
+    is out: the client has its answer, the failure is logged, and the worker goes on."""
+    key, key_id = mint()
+    upstreams["openai"].delay_seconds = 0.5
+    redis = redis_server.client()
+    headers = {"authorization": f"Bearer {key}"}
+    resv = f"gw:{{{key_id}}}:resv"
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as http:
+        call = asyncio.create_task(
+            http.post("/v1/chat/completions", json=_body(0, {}), headers=headers)
+        )
+        await asyncio.to_thread(wait_until, lambda: spend_state(redis_server, key_id)[1] > 0)
+        redis.delete(resv)
+        redis.set(resv, "not a hash")  # the settle script's first read now fails: WRONGTYPE
+        response = await call
+        assert response.status_code == 200
+        await asyncio.to_thread(
+            wait_until, lambda: "failed" in " ".join(r.getMessage() for r in caplog.records)
+        )
+        redis.delete(resv)
+        upstreams["openai"].delay_seconds = 0
+        again = await http.post("/v1/chat/completions", json=_body(1, {}), headers=headers)
+    failed = [r for r in caplog.records if r.getMessage().startswith("settlement of")]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+    assert "WRONGTYPE" in str(failed[0].exc_info[1])
+    assert again.status_code == 200
+    # The second request was settled; the first one's reservation waits for its lease.
+    await asyncio.to_thread(wait_until, lambda: spend_state(redis_server, key_id)[2] == 1)

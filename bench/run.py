@@ -1,6 +1,6 @@
 """The gateway's benchmark: one command, everything on 127.0.0.1, everything stopped after.
 
-    .venv/bin/python bench/run.py            # full run (~15 min), writes bench/results.json
+    .venv/bin/python bench/run.py            # full run (~6 min idle), writes bench/results.json
     .venv/bin/python bench/run.py --quick    # smoke run (~2 min)
     .venv/bin/python bench/run.py --profile  # py-spy on the worker under c=16 misses
 

@@ -128,7 +128,13 @@ def _against(spend: float, cap: float) -> str:
     """`$spend` or `$spend/$cap (NN%)`."""
     if not cap:
         return f"${spend:.6f}"
-    return f"${spend:.6f}/${cap:.2f} ({spend / cap:.0%})"
+    return f"${spend:.6f}/${_dollars(cap)} ({spend / cap:.0%})"
+
+
+def _dollars(amount: float) -> str:
+    """Cents at least, and every nano-USD digit a cap has: 5 -> 5.00, 0.00002 -> 0.00002."""
+    whole, _, fraction = f"{amount:.9f}".partition(".")
+    return f"{whole}.{fraction.rstrip('0').ljust(2, '0')}"
 
 
 @keys.command("show")

@@ -129,6 +129,12 @@ def test_keys_list_shows_spend_against_caps(run: CliRunner, mint: Any, gateway_u
     assert "/$2.00 (0%)" in line and "/$4.00 (0%)" in line
 
 
+def test_keys_list_shows_a_cap_below_a_cent_in_full(run: CliRunner, mint: Any) -> None:
+    _, key_id = mint(hard_cap=0.00002)
+    line = next(li for li in run.invoke(main, ["keys", "list"]).output.splitlines() if key_id in li)
+    assert "/$0.00002 (0%)" in line
+
+
 def write_usage(redis_server: RedisServer, key_id: str, seconds: list[int]) -> None:
     """Usage records at chosen times (Unix seconds); each costs its time in nano-USD."""
     client = redis_server.client()

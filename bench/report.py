@@ -188,10 +188,10 @@ def _cpu_ratio(row: dict[str, Any]) -> float:
 
 
 def targets(results: dict[str, Any]) -> str:
-    """The issue's targets, side by side with what this run measured (no pass/fail)."""
+    """The performance targets, side by side with what this run measured (no pass/fail)."""
     plain1, stream1 = _row(results, "plain", 1), _row(results, "stream", 1)
     redis, memory = results["redis"], results["memory"]
-    lines = ["", "Targets of issue 5, as measured in this run:"]
+    lines = ["", "Performance targets, as measured in this run:"]
     lines.append(
         f"  added latency, p50 at c=1 (target <= 1 ms): plain {plain1['added_p50_ms']:.2f} ms, "
         f"stream TTFB {stream1['added_ttfb_p50_ms']:.2f} ms, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import time
@@ -283,3 +284,71 @@ async def test_wait_replicas_sends_wait_behind_the_script_in_the_same_write(
     finally:
         await store.close()
         replica.stop()
+
+
+async def test_a_script_flushed_again_while_it_is_reloaded_still_runs(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flushed before every command: the EVALSHA finds nothing and so would an EVALSHA
+    after SCRIPT LOAD; the script sent whole with EVAL cannot miss."""
+    store = Store(server.url)
+    store.scripts["echo"] = store.binary.register_script(ECHO_SCRIPT)
+    assert store.wire is not None
+    flusher, execute = server.client(), store.wire.execute
+
+    async def flushed_first(*commands: tuple[object, ...]) -> list[object]:
+        flusher.script_flush()
+        return await execute(*commands)
+
+    monkeypatch.setattr(store.wire, "execute", flushed_first)
+    try:
+        assert await store.run("echo", ["{t}:n"], ["a"]) == [b"a", 1]
+        assert await store.run("echo", ["{t}:n"], ["b"]) == [b"b", 2]
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    ("refusal", "undo"),
+    [
+        (("CONFIG", "SET", "maxmemory", "1"), ("CONFIG", "SET", "maxmemory", "0")),  # OOM
+        (("CONFIG", "SET", "maxclients", "1"), ("CONFIG", "SET", "maxclients", "10000")),
+    ],
+    ids=["out-of-memory", "max-clients"],
+)
+async def test_a_server_refusing_commands_for_now_is_a_503_and_serves_when_it_stops(
+    server: RedisServer, refusal: tuple[str, ...], undo: tuple[str, ...]
+) -> None:
+    store = Store(server.url)
+    store.scripts["echo"] = store.binary.register_script(ECHO_SCRIPT)
+    admin = server.client()
+    admin.ping()  # its connection is open, counted among the clients, before the refusal
+    try:
+        admin.execute_command(*refusal)
+        with pytest.raises(StoreUnavailable):
+            await store.run("echo", ["{t}:n"], ["a"])
+        admin.execute_command(*undo)
+        assert await store.run("echo", ["{t}:n"], ["b"]) == [b"b", 1]
+    finally:
+        admin.execute_command(*undo)
+        await store.close()
+
+
+async def test_a_server_busy_with_a_runaway_script_is_a_503(server: RedisServer) -> None:
+    store = Store(server.url)
+    store.scripts["echo"] = store.binary.register_script(ECHO_SCRIPT)
+    admin = server.client()
+    admin.config_set("busy-reply-threshold", 50)
+    runaway = asyncio.create_task(asyncio.to_thread(server.client().eval, "while true do end", 0))
+    try:
+        await asyncio.sleep(0.3)  # past the threshold: every command now gets BUSY
+        with pytest.raises(StoreUnavailable, match="ResponseError"):
+            await store.run("echo", ["{t}:n"], ["a"])
+        admin.script_kill()
+        with pytest.raises(rexc.ResponseError, match="killed"):
+            await runaway
+        assert await store.run("echo", ["{t}:n"], ["b"]) == [b"b", 1]
+    finally:
+        with contextlib.suppress(rexc.ResponseError):
+            admin.script_kill()  # the runaway, if the test failed before its kill
+        await store.close()

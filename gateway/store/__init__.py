@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
@@ -22,17 +22,25 @@ from redis.commands.core import AsyncScript
 
 from gateway.errors import StoreUnavailable
 from gateway.store.topology import POOL_SIZE, connect
-from gateway.store.wire import Wire
+from gateway.store.wire import TICKS_PER_DEADLINE, Wire
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Failures that say nothing ran, or may have, and that pass: a lost or stuck connection,
+# and the error replies of a server that refuses commands for now (loading, a replica,
+# out of memory, its primary down, a cluster resharding or down). A 503 for the client;
+# a settlement retries them (every script is keyed by its request id).
 _UNAVAILABLE = (
     rexc.ConnectionError,
     rexc.TimeoutError,
     rexc.BusyLoadingError,
     rexc.ReadOnlyError,
+    rexc.OutOfMemoryError,
+    rexc.MasterDownError,
+    rexc.TryAgainError,
+    rexc.ClusterDownError,
     OSError,
 )
 # What redis-py lets escape when a connection is torn down under it mid-handshake (the
@@ -76,60 +84,71 @@ class Store:
         # A write waits up to wait_timeout_ms for its replicas on top of its own time.
         self.deadline = COMMAND_SECONDS + (wait_timeout_ms / 1000 if wait_replicas else 0)
         self.wire = Wire(url, self.deadline) if Wire.serves(url) else None
+        # The longest a command sent may go unanswered before its connection is dropped
+        # (the wire's watchdog ticks a few times per deadline; redis-py's is one timer).
+        self.in_flight_seconds = (
+            self.deadline * (1 + 1 / TICKS_PER_DEADLINE) if self.wire else self.deadline
+        )
 
     async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA a script by name, loading it once after NOSCRIPT."""
+        """EVALSHA a script by name; after NOSCRIPT, EVAL it (which loads it again)."""
         script = self.scripts[name]
         if self.wire is not None:
             return await self._run_wired(self.wire, script, keys, args)
         if self.wait_replicas:
             return await self.call(lambda: self._run_replicated(script, keys, args))
-        return await self.call(lambda: script(keys=keys, args=args))
+        return await self.call(lambda: self._run_plain(script, keys, args))
+
+    async def _run_plain(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self.binary.evalsha(script.sha, len(keys), *keys, *args)
+        except rexc.NoScriptError:
+            return await self.binary.eval(cast(str, script.script), len(keys), *keys, *args)
 
     async def _run_wired(
         self, wire: Wire, script: AsyncScript, keys: list[str], args: list[Any]
     ) -> Any:
         """EVALSHA (then WAIT, when replicas must have the write) in one round trip. No
         connection slot is taken, as the wire has no pool to exhaust, and no timer: the
-        wire fails a call its connection leaves unanswered past the deadline."""
-        commands: list[tuple[Any, ...]] = [("EVALSHA", script.sha, len(keys), *keys, *args)]
-        if self.wait_replicas:
-            commands.append(("WAIT", self.wait_replicas, self.wait_timeout_ms))
+        wire fails a call its connection leaves unanswered past the deadline. A server
+        without the script (restarted, or SCRIPT FLUSH) gets it whole with EVAL, which
+        no flush can race as a SCRIPT LOAD then EVALSHA could."""
+        waiting = [("WAIT", self.wait_replicas, self.wait_timeout_ms)] if self.wait_replicas else []
         try:
-            for _ in range(2):
-                answer, *acked = await wire.execute(*commands)
-                if isinstance(answer, rexc.NoScriptError):
-                    (loaded,) = await wire.execute(("SCRIPT", "LOAD", script.script))
-                    if isinstance(loaded, Exception):
-                        raise loaded
-                    continue
-                if isinstance(answer, Exception):
-                    raise answer
-                self._check_replicas(acked[0] if acked else None)
-                return answer
-            raise rexc.NoScriptError("script could not be loaded")
-        except _UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
+            answer, *acked = await wire.execute(
+                ("EVALSHA", script.sha, len(keys), *keys, *args), *waiting
+            )
+            if isinstance(answer, rexc.NoScriptError):
+                answer, *acked = await wire.execute(
+                    ("EVAL", script.script, len(keys), *keys, *args), *waiting
+                )
+            if isinstance(answer, Exception):
+                raise answer
+        except (rexc.RedisError, OSError) as exc:
+            if _passes(exc):
+                raise _unavailable(exc) from exc
+            raise
+        self._check_replicas(acked[0] if acked else None)
+        return answer
 
     def _check_replicas(self, acked: Any) -> None:
         if isinstance(acked, int) and acked < self.wait_replicas:
             log.warning("a write reached %d of %d replicas in time", acked, self.wait_replicas)
 
     async def _run_replicated(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA then WAIT in one round trip: the answer comes once replicas have the write."""
-        for _ in range(2):
+        """EVALSHA then WAIT in one round trip: the answer comes once replicas have the
+        write. After NOSCRIPT, EVAL (as on the wire)."""
+        for command, body in (("EVALSHA", script.sha), ("EVAL", script.script)):
             async with self.binary.pipeline(transaction=False) as pipe:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.execute_command(command, body, len(keys), *keys, *args)
                 pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
                 answer, acked = await pipe.execute(raise_on_error=False)
-            if isinstance(answer, rexc.NoScriptError):
-                await self.binary.script_load(script.script)
-                continue
-            if isinstance(answer, Exception):
-                raise answer
-            self._check_replicas(acked)
-            return answer
-        raise rexc.NoScriptError("script could not be loaded")
+            if not isinstance(answer, rexc.NoScriptError):
+                break
+        if isinstance(answer, Exception):
+            raise answer
+        self._check_replicas(acked)
+        return answer
 
     async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation, waiting for a free connection slot first.
@@ -152,6 +171,10 @@ class Store:
                 return await self._resending(operation)
         except (*_UNAVAILABLE, *_TORN_DOWN) as exc:  # TimeoutError is an OSError
             raise _unavailable(exc) from exc
+        except rexc.ResponseError as exc:
+            if _passes(exc):
+                raise _unavailable(exc) from exc
+            raise
         finally:
             self._slots.release()
 
@@ -212,3 +235,10 @@ class Store:
 
 def _unavailable(exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable(f"the store is unavailable: {exc.__class__.__name__}")
+
+
+def _passes(exc: BaseException) -> bool:
+    """A failure that passes (a 503), not a bug of ours or a damaged key, which retrying
+    would not mend. BUSY (another client's script running past its time limit, refusing
+    every command until it ends or is killed) has no class of its own in redis-py."""
+    return isinstance(exc, _UNAVAILABLE) or str(exc).startswith("BUSY ")

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, cast
 
 import hiredis
 from redis import exceptions as rexc
+from redis._parsers.base import BaseParser
 from redis.asyncio.connection import SSLConnection
 from redis.connection import parse_url
 
@@ -34,20 +35,13 @@ SINGLE_SERVER = ("redis", "rediss", "unix")
 ATTEMPTS = 3  # a connection found dead is replaced, and its commands sent again
 RESEND_PAUSE_SECONDS = 0.02
 TICKS_PER_DEADLINE = 4  # a stuck call fails between 1 and 1.25 deadlines after it was sent
-_ERRORS = {
-    "NOSCRIPT": rexc.NoScriptError,
-    "LOADING": rexc.BusyLoadingError,
-    "READONLY": rexc.ReadOnlyError,
-    "NOAUTH": rexc.AuthenticationError,
-    "WRONGPASS": rexc.AuthenticationError,
-}
 
 
-def error_of(reply: hiredis.ReplyError) -> rexc.ResponseError:
-    """A Redis error reply as the exception redis-py would raise for it."""
-    message = str(reply)
-    kind = _ERRORS.get(message.partition(" ")[0], rexc.ResponseError)
-    return kind(message)  # type: ignore[return-value]
+def error_of(reply: hiredis.ReplyError) -> rexc.RedisError:
+    """A Redis error reply as the exception redis-py raises for it, by redis-py's own
+    table: the first word, and for some the whole message ("ERR max number of clients
+    reached" is a ConnectionError, "OOM ..." an OutOfMemoryError)."""
+    return cast(rexc.RedisError, BaseParser.parse_error(str(reply)))  # type: ignore[no-untyped-call]
 
 
 class Wire:

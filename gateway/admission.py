@@ -30,13 +30,14 @@ from gateway.store import Store
 log = logging.getLogger(__name__)
 
 ADMITTED, UNKNOWN, REVOKED, NOT_ALLOWED, RATE_LIMITED, MONTHLY_CAP, HARD_CAP = range(7)
-# A settled request id is remembered this long, so a retried settlement is a no-op. A
-# retry can only follow an attempt that may have landed by the next delay below plus one
-# store operation (30 + 5 s at most), and an attempt that answers ends the retries, so
-# the mark need only outlive that gap. It bounds a key's bookkeeping in Redis to its
-# request rate times this.
-_SETTLE_RETRY_SECONDS = (0.05, 0.2, 1.0, 2.0, 5.0, 10.0, 30.0)
+# A settled reservation id is remembered this long from the first attempt that lands
+# (the settled mark), so a retried settlement is a no-op; it bounds a key's bookkeeping
+# in Redis to its request rate times this. Any attempt whose answer was lost may have
+# landed, and one landing once the first's mark is gone would charge again, so retries
+# stop while every command they send would still land inside the mark's life (see
+# `Gate._settle_later`).
 SETTLED_MARK_MS = 60 * 1000
+_SETTLE_RETRY_SECONDS = (0.05, 0.2, 1.0, 2.0, 5.0, 10.0, 20.0)  # pauses before retries
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,19 +111,28 @@ class Gate:
         record: dict[str, Any] | None,
         cache: CacheWrite | None = None,
     ) -> None:
-        """Settle now (storing `cache` in the same call); if the store is away, keep
-        retrying in the background."""
+        """Settle now (storing `cache` in the same call); if the store is away, or the
+        call is cut (a forced shutdown), keep retrying in the background."""
         metrics.OPEN_RESERVATIONS.dec()
+        first = asyncio.get_running_loop().time()
         try:
             await self._settle(ticket, cost, record, cache)
         except StoreUnavailable:
             log.warning("settlement of %s deferred: store unavailable", ticket.reservation_id)
-            self.settle_later(ticket, cost, record)
+            self.settle_later(ticket, cost, record, first)
+        except asyncio.CancelledError:
+            self.settle_later(ticket, cost, record, first)
+            raise
 
-    def settle_later(self, ticket: Ticket, cost: int, record: dict[str, Any] | None) -> None:
+    def settle_later(
+        self, ticket: Ticket, cost: int, record: dict[str, Any] | None, first: float | None = None
+    ) -> None:
         """Settle in the background, retrying while the store is away (idempotent: a
-        settlement that did land is not applied twice)."""
-        task = asyncio.create_task(self._settle_later(ticket, cost, record))
+        settlement that did land is not applied twice). `first`: when the first attempt
+        was sent, if one was (event-loop time)."""
+        if first is None:
+            first = asyncio.get_running_loop().time()
+        task = asyncio.create_task(self._settle_later(ticket, cost, record, first))
         self._retries.add(task)
         task.add_done_callback(self._retries.discard)
 
@@ -161,15 +171,31 @@ class Gate:
                 "so the key's cap holds", ticket.reservation_id, charged, cost,
             )  # fmt: skip
 
-    async def _settle_later(self, ticket: Ticket, cost: int, record: dict[str, Any] | None) -> None:
-        for delay in _SETTLE_RETRY_SECONDS:
-            await asyncio.sleep(delay)
+    async def _settle_later(
+        self, ticket: Ticket, cost: int, record: dict[str, Any] | None, first: float
+    ) -> None:
+        """Each retry is cut after one store deadline, and a command sent lands within
+        `Store.in_flight_seconds` or its connection is dropped: no retry starts that could
+        land after the mark of an attempt that landed first, when it would charge again.
+        One abandoned holds its reservation until the lease expires, charging nothing."""
+        loop = asyncio.get_running_loop()
+        last_start = first + SETTLED_MARK_MS / 1000 - self.retry_reach
+        for pause in _SETTLE_RETRY_SECONDS:
+            await asyncio.sleep(pause)
+            if loop.time() > last_start:
+                break
             try:
-                await self._settle(ticket, cost, record)
+                async with asyncio.timeout(self.store.deadline):
+                    await self._settle(ticket, cost, record)
                 return
-            except StoreUnavailable:
+            except (StoreUnavailable, TimeoutError):
                 continue
         log.warning("settlement of %s abandoned; its lease will expire", ticket.reservation_id)
+
+    @property
+    def retry_reach(self) -> float:
+        """How long after a retry starts its commands may still land."""
+        return self.store.deadline + self.store.in_flight_seconds
 
 
 def _refusal(status: int, model: str, limit: int, reset_ms: int, detail: str) -> Exception:

@@ -150,12 +150,9 @@ class Completions:
     ) -> Callable[[], Awaitable[None]]:
         async def settle() -> None:
             try:
+                # Cut mid-settlement (a forced shutdown), the gate finishes it in the
+                # background, as a shield would, without a task per request.
                 await self.settle_served(plan, ticket, charge, record, entry)
-            except asyncio.CancelledError:
-                # Cut mid-settlement (a forced shutdown): finish it in the background, as
-                # a shield would, without a task per request when nothing is cancelled.
-                self.gate.settle_later(ticket, charge, record)
-                raise
             except Exception:  # the response is out: log, never raise into the server
                 log.exception("settlement of %s failed", ticket.reservation_id)
 

@@ -13,7 +13,9 @@ import openai
 import pytest
 
 from gateway import admission
-from gateway import store as store_module
+from gateway.admission import Gate
+from gateway.store import Store
+from gateway.store.wire import ATTEMPTS
 from tests.conftest import UPSTREAM_KEYS, config_dict, write_config
 from tests.servers import GatewayProcess, RedisServer, wait_until
 from tests.test_routing import spend_state
@@ -155,11 +157,19 @@ async def test_monthly_cap_holds_across_two_processes(
     assert len(deciding) == 2
 
 
-def test_settled_marks_outlive_the_longest_gap_between_settlement_attempts() -> None:
-    """A retry follows an attempt that may have landed by at most the next delay plus one
-    store operation; the mark of a landed attempt must still be there for it."""
-    gap = max(admission._SETTLE_RETRY_SECONDS) + store_module.COMMAND_SECONDS
-    assert gap < admission.SETTLED_MARK_MS / 1000
+async def test_settlement_attempts_land_inside_the_settled_mark_with_the_shipped_settings() -> None:
+    """The first attempt has no timer of its own: the wire may send it ATTEMPTS times, each
+    after a connect and an in-flight deadline; all of it must land while the mark of the
+    first landing lives. A store that refuses connections (each attempt fails at once)
+    still gets every retry of the schedule, over more than half a minute."""
+    store = Store("redis://127.0.0.1:6379/0")  # never connected
+    gate = Gate(store, lease_ms=330_000, retention_ms=86_400_000)
+    mark = admission.SETTLED_MARK_MS / 1000
+    try:
+        assert ATTEMPTS * (store.deadline + store.in_flight_seconds) < mark
+        assert 30 < sum(admission._SETTLE_RETRY_SECONDS) < mark - gate.retry_reach
+    finally:
+        await store.close()
 
 
 async def test_the_answer_does_not_wait_for_settlement_and_the_reservation_holds_until_it_does(

@@ -11,9 +11,9 @@ import pytest
 from prometheus_client import REGISTRY
 from redis import exceptions as redis_exceptions
 
-from gateway import keys
+from gateway import admission, keys
 from gateway.admission import Gate
-from gateway.errors import SpendCapReached
+from gateway.errors import SpendCapReached, StoreUnavailable
 from gateway.keys import KeySpec, Slots
 from gateway.store import Store, load_script
 from tests.servers import RedisServer
@@ -231,3 +231,36 @@ async def test_settlement_refuses_bad_amounts_before_writing(
         await gate._settle(ticket, cost, record)
     after = await store.redis.hgetall(slots.spend), await store.redis.hgetall(slots.resv)
     assert after == before and await store.redis.xlen(slots.usage) == 0
+
+
+async def test_a_settlement_whose_answers_are_lost_charges_once_however_long_it_retries(
+    store: Store, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every attempt runs on the server and its answer is lost, so the gate retries. The
+    first leaves the settled mark; admissions on the key sweep it once it expires. A retry
+    landing after that would find neither reservation nor mark and charge again."""
+    monkeypatch.setattr(admission, "SETTLED_MARK_MS", 1500)
+    monkeypatch.setattr(admission, "_SETTLE_RETRY_SECONDS", (0.05, 0.2, 0.4, 0.6, 0.8, 1.0))
+    store.deadline, store.in_flight_seconds = 0.2, 0.25
+    gate = Gate(store, lease_ms=60_000, retention_ms=86_400_000)
+    raw, key_id = await new_key(store)
+    ticket = await gate.admit(raw, "m", "lost-answers", 5000)
+    run, attempts = store.run, []
+
+    async def answer_lost(name: str, keys: list[str], args: list[Any]) -> Any:
+        if name != "settle_request":
+            return await run(name, keys, args)
+        attempts.append(time.monotonic())
+        await gate.admit(raw, "m", f"sweeper-{len(attempts)}", 1)  # sweeps expired marks
+        await run(name, keys, args)
+        raise StoreUnavailable("the answer was lost")
+
+    monkeypatch.setattr(store, "run", answer_lost)
+    await gate.settle(ticket, 1234, {"model": "m", "input_tokens": 1, "output_tokens": 2})
+    await gate.drain()
+
+    client = redis_server.client()
+    assert client.xlen(Slots.of(key_id).usage) == 1
+    assert client.hget(Slots.of(key_id).spend, "total") == "1234"
+    assert 2 <= len(attempts) < 7  # it retried, and stopped before the mark could be gone
+    assert attempts[-1] - attempts[0] < 1.5 - 0.45

@@ -82,6 +82,9 @@ class Cache:
             raw = await self.store.call(lambda: self.store.binary.get(cache_key))
         except StoreUnavailable:
             return None
+        except rexc.RedisError as exc:  # escaping, it would drop the ticket admitted beside it
+            log.warning("cache read failed: %s", exc)
+            return None
         if not isinstance(raw, bytes):  # absent (the binary client never decodes)
             return None
         return self.decode(raw, cache_key)

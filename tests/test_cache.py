@@ -103,6 +103,30 @@ def test_cache_global_scope_shares_entries(
         server.stop()
 
 
+def test_an_unreadable_global_cache_key_is_a_miss_and_the_request_settles(
+    redis_url: str, redis_server: RedisServer, upstreams: dict[str, Upstream], admin_key: str
+) -> None:
+    """The global cache is read beside admission; a Redis error there (here the entry's
+    key holds a hash) is a miss, not a 500 that drops the admitted reservation."""
+    raw = config_dict(upstreams, cache={"scope": "global", "ttl_seconds": 60})
+    server = ThreadServer(create_app(config_module.parse(raw, "test"), redis_url)).start()
+    client = redis_server.client()
+    try:
+        admin = {"authorization": f"Bearer {admin_key}"}
+        made = httpx.post(server.url + "/api/ai-gateway/keys", json={"name": "a"}, headers=admin)
+        key, key_id = made.json()["key"], made.json()["record"]["id"]
+        assert chat(server.url, key).headers["x-gateway-cache"] == "miss"
+        (entry,) = client.keys("gw:cache:global:*")
+        client.delete(entry)
+        client.hset(entry, "not", "an entry")
+        again = chat(server.url, key)
+        assert (again.status_code, again.headers["x-gateway-cache"]) == (200, "miss")
+        assert len(upstreams["openai"].requests) == 2
+        assert client.hget(f"gw:{{{key_id}}}:spend", "reserved") == "0"
+    finally:
+        server.stop()
+
+
 def test_cache_control_no_cache_and_no_store(
     gateway_url: str, mint: Any, upstreams: dict[str, Upstream]
 ) -> None:

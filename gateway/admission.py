@@ -90,10 +90,13 @@ class Gate:
         args = [digest, model, reservation_id, amount, self.lease_ms]
         try:
             answer = await self.store.run("admit_request", keys, args)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             # The call may have run before its answer was lost: release that reservation
-            # id (a no-op if it never ran) rather than hold the capacity for a lease.
-            self.settle_later(Ticket(key_id, reservation_id, amount, 0, 0, 0), 0, None)
+            # id (a no-op if it never ran) rather than hold the capacity for a lease. Not
+            # when it never left: a store refusing connections under load would gather
+            # a retrying task per refused request.
+            if exc.may_have_run:
+                self.settle_later(Ticket(key_id, reservation_id, amount, 0, 0, 0), 0, None)
             raise
         status, limit, remaining, reset_ms, detail, cap_used_ppm = answer[:6]
         if cap_used_ppm >= 0 and self.key_labels:

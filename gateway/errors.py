@@ -146,6 +146,9 @@ class StoreUnavailable(GatewayError):
     status = 503
     type = "service_unavailable"
     code = "store_unavailable"
+    # False when the call is known never to have reached the store (no connection could
+    # be made), so there is nothing of it to undo.
+    may_have_run = True
 
 
 class ProviderFailure(Exception):

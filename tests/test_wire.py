@@ -14,14 +14,16 @@ import redis
 from redis import exceptions as rexc
 
 from gateway import store as store_module
+from gateway.admission import Gate
 from gateway.errors import StoreUnavailable
 from gateway.store import Store
-from gateway.store.wire import Wire
-from tests.servers import RedisServer
+from gateway.store.wire import Unreachable, Wire
+from tests.servers import RedisServer, free_port
 
 pytestmark = [pytest.mark.redis]
 
 ECHO_SCRIPT = "return {ARGV[1], redis.call('INCR', KEYS[1])}"
+ANY_KEY = "sk-gw-" + "k" * 43  # well formed, so admission goes to the store
 
 
 @pytest.fixture
@@ -158,8 +160,9 @@ async def test_a_handshake_that_never_ends_is_a_timeout() -> None:
     port = server.sockets[0].getsockname()[1]
     wire = Wire(f"rediss://127.0.0.1:{port}/0", deadline=0.3)
     try:
-        with pytest.raises(rexc.TimeoutError, match=r"no connection to the store in 0\.3 s"):
+        with pytest.raises(Unreachable, match=r"no connection to the store in 0\.3 s") as raised:
             await wire.execute(("PING",))
+        assert isinstance(raised.value.__cause__, rexc.TimeoutError)  # nothing was sent
     finally:
         await wire.aclose()
         server.close()
@@ -352,3 +355,38 @@ async def test_a_server_busy_with_a_runaway_script_is_a_503(server: RedisServer)
         with contextlib.suppress(rexc.ResponseError):
             admin.script_kill()  # the runaway, if the test failed before its kill
         await store.close()
+
+
+async def test_a_call_that_never_left_is_known_not_to_have_run_and_leaves_nothing_to_undo() -> None:
+    """Nothing listens: no connection, nothing sent, so an admission leaves no release
+    retrying in the background (a store refusing connections under load would gather
+    one per refused request)."""
+    store = Store(f"redis://127.0.0.1:{free_port()}/0")
+    gate = Gate(store, lease_ms=60_000, retention_ms=86_400_000)
+    try:
+        with pytest.raises(StoreUnavailable, match="ConnectionError") as refused:
+            await gate.admit(ANY_KEY, "m", "never-sent", 1000)
+        assert refused.value.may_have_run is False
+        assert not gate._retries
+    finally:
+        await store.close()
+
+
+async def test_a_call_whose_connection_was_lost_after_sending_may_have_run() -> None:
+    async def read_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.close()
+
+    server = await asyncio.start_server(read_then_hang_up, "127.0.0.1", 0)
+    store = Store(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0")
+    gate = Gate(store, lease_ms=60_000, retention_ms=86_400_000)
+    try:
+        with pytest.raises(StoreUnavailable) as lost:
+            await gate.admit(ANY_KEY, "m", "sent", 1000)
+        assert lost.value.may_have_run is True
+        assert len(gate._retries) == 1  # the release of what may have been reserved
+    finally:
+        for task in gate._retries:
+            task.cancel()
+        await store.close()
+        server.close()

@@ -22,7 +22,7 @@ from redis.commands.core import AsyncScript
 
 from gateway.errors import StoreUnavailable
 from gateway.store.topology import POOL_SIZE, connect
-from gateway.store.wire import TICKS_PER_DEADLINE, Wire
+from gateway.store.wire import TICKS_PER_DEADLINE, Unreachable, Wire
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,10 @@ class Store:
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable:
-    return StoreUnavailable(f"the store is unavailable: {exc.__class__.__name__}")
+    cause = exc.__cause__ if isinstance(exc, Unreachable) else exc
+    unavailable = StoreUnavailable(f"the store is unavailable: {cause.__class__.__name__}")
+    unavailable.may_have_run = not isinstance(exc, Unreachable)
+    return unavailable
 
 
 def _passes(exc: BaseException) -> bool:

@@ -37,6 +37,10 @@ RESEND_PAUSE_SECONDS = 0.02
 TICKS_PER_DEADLINE = 4  # a stuck call fails between 1 and 1.25 deadlines after it was sent
 
 
+class Unreachable(rexc.ConnectionError):
+    """No connection to the store could be made for a call: nothing of it was sent."""
+
+
 def error_of(reply: hiredis.ReplyError) -> rexc.RedisError:
     """A Redis error reply as the exception redis-py raises for it, by redis-py's own
     table: the first word, and for some the whole message ("ERR max number of clients
@@ -51,7 +55,8 @@ class Wire:
     lost before its reply: every script the gateway runs is keyed by its request id, so
     running one twice changes nothing. A connection that takes longer than `deadline`
     seconds to open, or to answer its oldest command, raises redis-py's TimeoutError,
-    never sent again (the server may be stuck, not gone), and is dropped.
+    never sent again (the server may be stuck, not gone), and is dropped. A call that
+    found no connection at its first try raises `Unreachable`: none of it was sent.
     """
 
     def __init__(self, url: str, deadline: float = 5.0) -> None:
@@ -75,7 +80,12 @@ class Wire:
         instance (raise it or look at it)."""
         payload = b"".join(hiredis.pack_command(command) for command in commands)
         for attempt in range(1, ATTEMPTS + 1):
-            connection = await self._connected()
+            try:
+                connection = await self._connected()
+            except rexc.RedisError as exc:  # after a first attempt, that one may have run
+                if attempt == 1:
+                    raise Unreachable(str(exc)) from exc
+                raise
             try:
                 return await connection.send(payload, len(commands))
             except rexc.ConnectionError:

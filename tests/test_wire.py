@@ -372,6 +372,26 @@ async def test_a_call_that_never_left_is_known_not_to_have_run_and_leaves_nothin
         await store.close()
 
 
+async def test_a_server_at_its_client_limit_ran_nothing_and_leaves_nothing_to_undo(
+    server: RedisServer,
+) -> None:
+    """Redis says "max number of clients reached" on a connection before reading from
+    it: no command on it ran, so an admission refused so starts no release."""
+    store = Store(server.url)
+    gate = Gate(store, lease_ms=60_000, retention_ms=86_400_000)
+    admin = server.client()
+    admin.ping()  # counted among the clients before the limit
+    admin.config_set("maxclients", 1)
+    try:
+        with pytest.raises(StoreUnavailable, match="MaxClientsReachedError") as refused:
+            await gate.admit(ANY_KEY, "m", "turned-away", 1000)
+        assert refused.value.may_have_run is False
+        assert not gate._retries
+    finally:
+        admin.config_set("maxclients", 10000)
+        await store.close()
+
+
 async def test_a_call_whose_connection_was_lost_after_sending_may_have_run() -> None:
     async def read_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(100)

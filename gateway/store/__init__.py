@@ -234,7 +234,7 @@ class Store:
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable:
-    cause = exc.__cause__ if isinstance(exc, Unreachable) else exc
+    cause = (exc.__cause__ or exc) if isinstance(exc, Unreachable) else exc
     unavailable = StoreUnavailable(f"the store is unavailable: {cause.__class__.__name__}")
     unavailable.may_have_run = not isinstance(exc, Unreachable)
     return unavailable

@@ -38,7 +38,8 @@ TICKS_PER_DEADLINE = 4  # a stuck call fails between 1 and 1.25 deadlines after 
 
 
 class Unreachable(rexc.ConnectionError):
-    """No connection to the store could be made for a call: nothing of it was sent."""
+    """None of a call reached the server's command loop, so none of it ran: no connection
+    could be made, or the server turned it away at its client limit."""
 
 
 def error_of(reply: hiredis.ReplyError) -> rexc.RedisError:
@@ -55,8 +56,9 @@ class Wire:
     lost before its reply: every script the gateway runs is keyed by its request id, so
     running one twice changes nothing. A connection that takes longer than `deadline`
     seconds to open, or to answer its oldest command, raises redis-py's TimeoutError,
-    never sent again (the server may be stuck, not gone), and is dropped. A call that
-    found no connection at its first try raises `Unreachable`: none of it was sent.
+    never sent again (the server may be stuck, not gone), and is dropped. A call none of
+    whose tries reached the server's command loop (no connection, or one the server
+    turned away at its client limit) raises `Unreachable`: none of it ran.
     """
 
     def __init__(self, url: str, deadline: float = 5.0) -> None:
@@ -79,18 +81,22 @@ class Wire:
         """Send `commands` in one write; their replies, each error reply as an exception
         instance (raise it or look at it)."""
         payload = b"".join(hiredis.pack_command(command) for command in commands)
+        ran = False  # whether an attempt may have reached the server's command loop
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 connection = await self._connected()
-            except rexc.RedisError as exc:  # after a first attempt, that one may have run
-                if attempt == 1:
-                    raise Unreachable(str(exc)) from exc
-                raise
+            except rexc.RedisError as exc:
+                if ran:
+                    raise
+                raise Unreachable(str(exc)) from exc
             try:
                 return await connection.send(payload, len(commands))
-            except rexc.ConnectionError:
+            except rexc.ConnectionError as exc:
+                ran = ran or not isinstance(exc, (Unreachable, rexc.MaxClientsReachedError))
                 if attempt == ATTEMPTS:
-                    raise
+                    if ran:
+                        raise
+                    raise Unreachable(str(exc)) from exc
                 await asyncio.sleep(RESEND_PAUSE_SECONDS * attempt)
         raise AssertionError("unreachable")
 
@@ -164,8 +170,8 @@ class _Connection(asyncio.Protocol):
         self._watch()
 
     def send(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
-        if not self.open or self.transport is None:
-            raise rexc.ConnectionError("the connection to the store was lost")
+        if not self.open or self.transport is None:  # nothing written
+            raise Unreachable("the connection to the store was lost")
         answered: asyncio.Future[list[Any]] = self.loop.create_future()
         self.waiting.append(_Waiter(answered, [], count, self.loop.time()))
         self.transport.write(payload)
@@ -187,8 +193,15 @@ class _Connection(asyncio.Protocol):
 
     def _hand_out(self) -> None:
         while (reply := self.reader.gets()) is not False:
+            if isinstance(reply, hiredis.ReplyError):
+                reply = error_of(reply)
+                if isinstance(reply, rexc.MaxClientsReachedError):
+                    # Sent before the server reads a command: it turned this connection
+                    # away, and no command on it ran.
+                    self.abort(reply)
+                    return
             answered, replies, count, _ = self.waiting[0]
-            replies.append(error_of(reply) if isinstance(reply, hiredis.ReplyError) else reply)
+            replies.append(reply)
             if len(replies) == count:
                 self.waiting.popleft()
                 if not answered.done():  # else its caller gave up waiting

@@ -33,10 +33,13 @@ ADMITTED, UNKNOWN, REVOKED, NOT_ALLOWED, RATE_LIMITED, MONTHLY_CAP, HARD_CAP = r
 # A settled reservation id is remembered this long from the first attempt that lands
 # (the settled mark), so a retried settlement is a no-op; it bounds a key's bookkeeping
 # in Redis to its request rate times this. Any attempt whose answer was lost may have
-# landed, and one landing once the first's mark is gone would charge again, so retries
-# stop while every command they send would still land inside the mark's life (see
-# `Gate._settle_later`).
+# landed, and one landing once the first's mark is gone would charge again. So every
+# attempt carries a bound in Redis time, the mark's life less a margin for the two
+# clocks, past which the script refuses to charge a reservation it no longer knows (a
+# command delivered late, after a partition); and retries stop while what they send
+# would still land inside it (see `Gate._settle_later`).
 SETTLED_MARK_MS = 60 * 1000
+CLOCK_MARGIN_MS = 1000
 _SETTLE_RETRY_SECONDS = (0.05, 0.2, 1.0, 2.0, 5.0, 10.0, 20.0)  # pauses before retries
 
 
@@ -60,6 +63,8 @@ class Ticket:
     remaining: int
     reset_ms: int
     cache_entry: bytes | None = None  # read by admission when asked
+    admitted_us: int = 0  # Redis time at admission, µs
+    answered: float = 0.0  # event-loop time when admission answered
 
 
 class Gate:
@@ -103,8 +108,12 @@ class Gate:
             metrics.child(metrics.KEY_CAP_USED, key_id).set(cap_used_ppm / 1_000_000)
         if status == ADMITTED:
             metrics.OPEN_RESERVATIONS.inc()
-            entry = answer[6] if len(answer) > 6 and answer[6] else None
-            return Ticket(key_id, reservation_id, amount, limit, remaining, reset_ms, entry)
+            entry = answer[6] or None
+            answered = asyncio.get_running_loop().time()
+            return Ticket(
+                key_id, reservation_id, amount, limit, remaining, reset_ms, entry,
+                answer[7], answered,
+            )  # fmt: skip
         raise _refusal(status, model, limit, reset_ms, detail.decode())
 
     async def settle(
@@ -119,7 +128,7 @@ class Gate:
         metrics.OPEN_RESERVATIONS.dec()
         first = asyncio.get_running_loop().time()
         try:
-            await self._settle(ticket, cost, record, cache)
+            await self._settle(ticket, cost, record, _valid_until(ticket, first), cache)
         except StoreUnavailable:
             log.warning("settlement of %s deferred: store unavailable", ticket.reservation_id)
             self.settle_later(ticket, cost, record, first)
@@ -152,6 +161,7 @@ class Gate:
         ticket: Ticket,
         cost: int,
         record: dict[str, Any] | None,
+        valid_until: int,
         cache: CacheWrite | None = None,
     ) -> None:
         slots = Slots.of(ticket.key_id)
@@ -166,9 +176,14 @@ class Gate:
             keys.append(cache.key)
             entry = [cache.entry, cache.ttl_seconds]
         args = [ticket.reservation_id, cost, 1 if record is not None else 0]
-        args += [self.retention_ms, SETTLED_MARK_MS, *counted, *entry, *fields]
+        args += [self.retention_ms, SETTLED_MARK_MS, *counted, *entry, valid_until, *fields]
         settled, _, charged = await self.store.run("settle_request", keys, args)
-        if settled and record is not None and charged < cost:
+        if settled < 0:
+            log.warning(
+                "settlement of %s refused: it reached the store too late to be told from "
+                "a repeat, and was not charged", ticket.reservation_id,
+            )  # fmt: skip
+        elif settled and record is not None and charged < cost:
             log.warning(
                 "settlement of %s came after its lease ran out: charged %d of %d nano-USD "
                 "so the key's cap holds", ticket.reservation_id, charged, cost,
@@ -177,19 +192,21 @@ class Gate:
     async def _settle_later(
         self, ticket: Ticket, cost: int, record: dict[str, Any] | None, first: float
     ) -> None:
-        """Each retry is cut after one store deadline, and a command sent lands within
-        `Store.in_flight_seconds` or its connection is dropped: no retry starts that could
-        land after the mark of an attempt that landed first, when it would charge again.
-        One abandoned holds its reservation until the lease expires, charging nothing."""
+        """Each retry is cut after one store deadline, and a command sent is answered
+        within `Store.in_flight_seconds` or its connection is dropped: no retry starts
+        that would then land past the bound the script enforces (a command the network
+        holds longer is refused there). One abandoned holds its reservation until the
+        lease expires, charging nothing."""
         loop = asyncio.get_running_loop()
-        last_start = first + SETTLED_MARK_MS / 1000 - self.retry_reach
+        valid_until = _valid_until(ticket, first)
+        last_start = first + (SETTLED_MARK_MS - CLOCK_MARGIN_MS) / 1000 - self.retry_reach
         for pause in _SETTLE_RETRY_SECONDS:
             await asyncio.sleep(pause)
             if loop.time() > last_start:
                 break
             try:
                 async with asyncio.timeout(self.store.deadline):
-                    await self._settle(ticket, cost, record)
+                    await self._settle(ticket, cost, record, valid_until)
                 return
             except (StoreUnavailable, TimeoutError):
                 continue
@@ -199,6 +216,17 @@ class Gate:
     def retry_reach(self) -> float:
         """How long after a retry starts its commands may still land."""
         return self.store.deadline + self.store.in_flight_seconds
+
+
+def _valid_until(ticket: Ticket, first: float) -> int:
+    """Redis time, µs, until which an attempt first sent at `first` (event-loop time)
+    may charge a reservation the store no longer holds; 0 for no bound (a release,
+    which never charges). A lower bound of Redis time at `first`: admission's TIME was
+    read before it answered, and loop time has passed since."""
+    if not ticket.admitted_us:
+        return 0
+    elapsed_us = int((first - ticket.answered) * 1_000_000)
+    return ticket.admitted_us + elapsed_us + (SETTLED_MARK_MS - CLOCK_MARGIN_MS) * 1000
 
 
 def _refusal(status: int, model: str, limit: int, reset_ms: int, detail: str) -> Exception:

@@ -14,7 +14,8 @@
 -- ARGV[4]  reservation, nano-USD (integer)
 -- ARGV[5]  lease, ms: how long the reservation lives if it is never settled
 --
--- Returns {status, limit, remaining, reset_ms, detail, cap_used_ppm, cache entry or false}
+-- Returns {status, limit, remaining, reset_ms, detail, cap_used_ppm, cache entry or false,
+--          now (µs of Redis time, when admitted)}
 --   status 0 admitted (also for a replayed request id), 1 unknown key, 2 revoked,
 --   3 model not allowed, 4 rate limited, 5 monthly cap, 6 lifetime cap
 --   limit/remaining: the window (0/-1 when unlimited); reset_ms: until a slot frees
@@ -39,7 +40,7 @@ local seconds, now_us = now()
 
 -- A replayed call (the first one timed out after running) must not reserve twice.
 if redis.call('HEXISTS', KEYS[4], request_id) == 1 then
-  return {0, rate, -1, 0, '', -1, false}
+  return {0, rate, -1, 0, '', -1, false, now_us}
 end
 
 -- Leases of workers that died: give their capacity back.
@@ -92,5 +93,7 @@ redis.call('ZADD', KEYS[5], now_us + lease_ms * 1000, request_id)
 redis.call('HINCRBY', KEYS[3], 'reserved', amount)
 local entry = false
 if KEYS[6] then entry = redis.call('GET', KEYS[6]) end
-if rate > 0 then return {0, rate, rate - count - 1, reset_ms, '', used_ppm(amount), entry} end
-return {0, 0, -1, 0, '', used_ppm(amount), entry}
+if rate > 0 then
+  return {0, rate, rate - count - 1, reset_ms, '', used_ppm(amount), entry, now_us}
+end
+return {0, 0, -1, 0, '', used_ppm(amount), entry, now_us}

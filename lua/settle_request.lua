@@ -17,11 +17,13 @@
 -- KEYS[7]  optional: {id}:cache:<sha>, where to store the response
 -- ARGV[6]  model name, ARGV[7] input tokens, ARGV[8] output tokens
 -- ARGV[9]  the cache entry (msgpack) when KEYS[7] is given, ARGV[10] its TTL in seconds
--- ARGV[11..] more usage record fields, name/value pairs
+-- ARGV[11] valid until, µs of Redis time (0: no bound): no earlier attempt's settled mark
+--          can have expired before then
+-- ARGV[12..] more usage record fields, name/value pairs
 --
--- Returns {settled, stream id, charged}: settled 1 the first time, 0 for a repeat;
--- charged is the cost written, less than ARGV[2] only when a late settlement had to be
--- cut to fit under a cap.
+-- Returns {settled, stream id, charged}: settled 1 the first time, 0 for a repeat, -1
+-- refused as too late to be told from a repeat; charged is the cost written, less than
+-- ARGV[2] only when a late settlement had to be cut to fit under a cap.
 
 local request_id, cost = ARGV[1], tonumber(ARGV[2])
 local record, retention_ms, mark_ms = ARGV[3] == '1', tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -36,6 +38,13 @@ local held = redis.call('HGET', KEYS[2], request_id)
 if held == 's' then return {0, '', 0} end
 
 local seconds, now_us = now()
+-- Neither reservation nor mark, past the bound: an earlier attempt may have landed and
+-- its mark been swept since (a command delivered late, after a partition). Recording
+-- now could charge twice; the lease has given the reservation back already.
+local valid_until = tonumber(ARGV[11]) or 0
+if record and not held and valid_until > 0 and now_us > valid_until then
+  return {-1, '', 0}
+end
 local day = day_of(seconds)
 local month = string.sub(day, 1, 7)
 if held then
@@ -72,6 +81,6 @@ end
 if KEYS[7] then redis.call('SET', KEYS[7], ARGV[9], 'EX', ARGV[10]) end
 local min_id = math.floor(now_us / 1000) - retention_ms
 local fields = {'cost', charged, 'model', model, 'input_tokens', input, 'output_tokens', output}
-for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 12, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[4], 'MINID', '~', min_id, '*', unpack(fields))
 return {1, id, cost}

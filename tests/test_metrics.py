@@ -270,8 +270,8 @@ def fill(redis_server: RedisServer, key_ids: list[str], first: int, count: int) 
             keys = [f"{tag}:{part}" for part in parts]
             cost = 1000 + i % 7
             settled += cost
-            args = [f"r{i}", cost, 1, 86_400_000, 1000, "gpt", 3, 4, "provider", "openai",
-                    "cached", 0, "request_id", f"req{i}"]  # fmt: skip
+            args = [f"r{i}", cost, 1, 86_400_000, 1000, "gpt", 3, 4, "", 0, 0,
+                    "provider", "openai", "cached", 0, "request_id", f"req{i}"]  # fmt: skip
             pipe.evalsha(sha, len(keys), *keys, *args)
         pipe.execute()
     return settled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import time
 from collections.abc import AsyncIterator
@@ -228,7 +229,7 @@ async def test_settlement_refuses_bad_amounts_before_writing(
     before = await store.redis.hgetall(slots.spend), await store.redis.hgetall(slots.resv)
     record = {"model": "m", "input_tokens": tokens, "output_tokens": 1}
     with pytest.raises(redis_exceptions.ResponseError, match="whole numbers"):
-        await gate._settle(ticket, cost, record)
+        await gate._settle(ticket, cost, record, 0)
     after = await store.redis.hgetall(slots.spend), await store.redis.hgetall(slots.resv)
     assert after == before and await store.redis.xlen(slots.usage) == 0
 
@@ -240,6 +241,7 @@ async def test_a_settlement_whose_answers_are_lost_charges_once_however_long_it_
     first leaves the settled mark; admissions on the key sweep it once it expires. A retry
     landing after that would find neither reservation nor mark and charge again."""
     monkeypatch.setattr(admission, "SETTLED_MARK_MS", 1500)
+    monkeypatch.setattr(admission, "CLOCK_MARGIN_MS", 100)
     monkeypatch.setattr(admission, "_SETTLE_RETRY_SECONDS", (0.05, 0.2, 0.4, 0.6, 0.8, 1.0))
     store.deadline, store.in_flight_seconds = 0.2, 0.25
     gate = Gate(store, lease_ms=60_000, retention_ms=86_400_000)
@@ -264,3 +266,27 @@ async def test_a_settlement_whose_answers_are_lost_charges_once_however_long_it_
     assert client.hget(Slots.of(key_id).spend, "total") == "1234"
     assert 2 <= len(attempts) < 7  # it retried, and stopped before the mark could be gone
     assert attempts[-1] - attempts[0] < 1.5 - 0.45
+
+
+async def test_a_settlement_delivered_after_its_bound_is_refused_not_charged_twice(
+    store: Store, gate: Gate, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The network may hold a sent command past any timeout (a partition, a proxy) and
+    deliver it after the first attempt's mark was swept. It carries its bound in Redis
+    time, so the script refuses it instead of charging again."""
+    monkeypatch.setattr(admission, "SETTLED_MARK_MS", 1500)
+    monkeypatch.setattr(admission, "CLOCK_MARGIN_MS", 500)
+    raw, key_id = await new_key(store)
+    ticket = await gate.admit(raw, "m", "held-by-the-network", 5000)
+    record = {"model": "m", "input_tokens": 1, "output_tokens": 2}
+    await gate.settle(ticket, 1234, record)  # lands; its answer reached us too
+
+    bound = admission._valid_until(ticket, asyncio.get_running_loop().time())
+    await asyncio.sleep(1.6)
+    await gate.admit(raw, "m", "sweeper", 1)  # the mark has expired: swept
+    client = redis_server.client()
+    assert client.hget(Slots.of(key_id).resv, "held-by-the-network") is None
+    await gate._settle(ticket, 1234, record, bound)  # the copy the network held
+
+    assert client.xlen(Slots.of(key_id).usage) == 1
+    assert client.hget(Slots.of(key_id).spend, "total") == "1234"

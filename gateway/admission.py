@@ -63,8 +63,9 @@ class Ticket:
     remaining: int
     reset_ms: int
     cache_entry: bytes | None = None  # read by admission when asked
-    admitted_us: int = 0  # Redis time at admission, µs
-    answered: float = 0.0  # event-loop time when admission answered
+    # Redis time minus event-loop time when admission answered, µs (None: not admitted
+    # here): with it, a loop time gives a lower bound of Redis time then.
+    clock_offset_us: int | None = None
 
 
 class Gate:
@@ -109,11 +110,8 @@ class Gate:
         if status == ADMITTED:
             metrics.OPEN_RESERVATIONS.inc()
             entry = answer[6] or None
-            answered = asyncio.get_running_loop().time()
-            return Ticket(
-                key_id, reservation_id, amount, limit, remaining, reset_ms, entry,
-                answer[7], answered,
-            )  # fmt: skip
+            offset = answer[7] - int(asyncio.get_running_loop().time() * 1_000_000)
+            return Ticket(key_id, reservation_id, amount, limit, remaining, reset_ms, entry, offset)
         raise _refusal(status, model, limit, reset_ms, detail.decode())
 
     async def settle(
@@ -221,12 +219,12 @@ class Gate:
 def _valid_until(ticket: Ticket, first: float) -> int:
     """Redis time, µs, until which an attempt first sent at `first` (event-loop time)
     may charge a reservation the store no longer holds; 0 for no bound (a release,
-    which never charges). A lower bound of Redis time at `first`: admission's TIME was
-    read before it answered, and loop time has passed since."""
-    if not ticket.admitted_us:
+    which never charges). From a lower bound of Redis time at `first`: admission's TIME
+    was read before it answered, and loop time has passed since."""
+    if ticket.clock_offset_us is None:
         return 0
-    elapsed_us = int((first - ticket.answered) * 1_000_000)
-    return ticket.admitted_us + elapsed_us + (SETTLED_MARK_MS - CLOCK_MARGIN_MS) * 1000
+    redis_us = ticket.clock_offset_us + int(first * 1_000_000)
+    return redis_us + (SETTLED_MARK_MS - CLOCK_MARGIN_MS) * 1000
 
 
 def _refusal(status: int, model: str, limit: int, reset_ms: int, detail: str) -> Exception:

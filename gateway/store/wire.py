@@ -46,7 +46,8 @@ def error_of(reply: hiredis.ReplyError) -> rexc.RedisError:
     """A Redis error reply as the exception redis-py raises for it, by redis-py's own
     table: the first word, and for some the whole message ("ERR max number of clients
     reached" is a ConnectionError, "OOM ..." an OutOfMemoryError)."""
-    return cast(rexc.RedisError, BaseParser.parse_error(str(reply)))  # type: ignore[no-untyped-call]
+    error = BaseParser.parse_error(str(reply))  # type: ignore[no-untyped-call]
+    return cast(rexc.RedisError, error)
 
 
 class Wire:

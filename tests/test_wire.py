@@ -8,6 +8,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -17,7 +18,7 @@ from gateway import store as store_module
 from gateway.admission import Gate
 from gateway.errors import StoreUnavailable
 from gateway.store import Store
-from gateway.store.wire import Unreachable, Wire
+from gateway.store.wire import ATTEMPTS, Unreachable, Wire, _Connection
 from tests.servers import RedisServer, free_port
 
 pytestmark = [pytest.mark.redis]
@@ -357,17 +358,23 @@ async def test_a_server_busy_with_a_runaway_script_is_a_503(server: RedisServer)
         await store.close()
 
 
+async def refused_admission(store: Store) -> tuple[StoreUnavailable, Gate]:
+    """Admit against a store that cannot take it: the 503 and the gate it left."""
+    gate = Gate(store, lease_ms=60_000, retention_ms=86_400_000)
+    with pytest.raises(StoreUnavailable) as refused:
+        await gate.admit(ANY_KEY, "m", "refused", 1000)
+    return refused.value, gate
+
+
 async def test_a_call_that_never_left_is_known_not_to_have_run_and_leaves_nothing_to_undo() -> None:
     """Nothing listens: no connection, nothing sent, so an admission leaves no release
     retrying in the background (a store refusing connections under load would gather
     one per refused request)."""
     store = Store(f"redis://127.0.0.1:{free_port()}/0")
-    gate = Gate(store, lease_ms=60_000, retention_ms=86_400_000)
     try:
-        with pytest.raises(StoreUnavailable, match="ConnectionError") as refused:
-            await gate.admit(ANY_KEY, "m", "never-sent", 1000)
-        assert refused.value.may_have_run is False
-        assert not gate._retries
+        refused, gate = await refused_admission(store)
+        assert "ConnectionError" in refused.message
+        assert (refused.may_have_run, gate._retries) == (False, set())
     finally:
         await store.close()
 
@@ -378,15 +385,13 @@ async def test_a_server_at_its_client_limit_ran_nothing_and_leaves_nothing_to_un
     """Redis says "max number of clients reached" on a connection before reading from
     it: no command on it ran, so an admission refused so starts no release."""
     store = Store(server.url)
-    gate = Gate(store, lease_ms=60_000, retention_ms=86_400_000)
     admin = server.client()
     admin.ping()  # counted among the clients before the limit
     admin.config_set("maxclients", 1)
     try:
-        with pytest.raises(StoreUnavailable, match="MaxClientsReachedError") as refused:
-            await gate.admit(ANY_KEY, "m", "turned-away", 1000)
-        assert refused.value.may_have_run is False
-        assert not gate._retries
+        refused, gate = await refused_admission(store)
+        assert "MaxClientsReachedError" in refused.message
+        assert (refused.may_have_run, gate._retries) == (False, set())
     finally:
         admin.config_set("maxclients", 10000)
         await store.close()
@@ -399,14 +404,43 @@ async def test_a_call_whose_connection_was_lost_after_sending_may_have_run() -> 
 
     server = await asyncio.start_server(read_then_hang_up, "127.0.0.1", 0)
     store = Store(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0")
-    gate = Gate(store, lease_ms=60_000, retention_ms=86_400_000)
     try:
-        with pytest.raises(StoreUnavailable) as lost:
-            await gate.admit(ANY_KEY, "m", "sent", 1000)
-        assert lost.value.may_have_run is True
+        lost, gate = await refused_admission(store)
+        assert lost.may_have_run is True
         assert len(gate._retries) == 1  # the release of what may have been reserved
-    finally:
         for task in gate._retries:
             task.cancel()
+    finally:
         await store.close()
+        server.close()
+
+
+async def test_a_call_one_of_whose_tries_was_sent_may_have_run_whatever_the_last_met(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first tries go out and their connections are lost; the last finds its
+    connection closed before writing. The call as a whole may still have run."""
+
+    async def read_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.close()
+
+    server = await asyncio.start_server(read_then_hang_up, "127.0.0.1", 0)
+    wire = Wire(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0")
+    send, tries = _Connection.send, []
+
+    def closed_at_the_last_try(self: _Connection, payload: bytes, count: int) -> Any:
+        tries.append(payload)
+        if len(tries) == ATTEMPTS:
+            raise Unreachable("the connection to the store was lost")
+        return send(self, payload, count)
+
+    monkeypatch.setattr(_Connection, "send", closed_at_the_last_try)
+    try:
+        with pytest.raises(rexc.ConnectionError) as lost:
+            await wire.execute(("INCR", "n"))
+        assert len(tries) == ATTEMPTS
+        assert not isinstance(lost.value, Unreachable)
+    finally:
+        await wire.aclose()
         server.close()

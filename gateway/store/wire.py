@@ -94,11 +94,14 @@ class Wire:
                 return await connection.send(payload, len(commands))
             except rexc.ConnectionError as exc:
                 ran = ran or not isinstance(exc, (Unreachable, rexc.MaxClientsReachedError))
-                if attempt == ATTEMPTS:
-                    if ran:
-                        raise
-                    raise Unreachable(str(exc)) from exc
-                await asyncio.sleep(RESEND_PAUSE_SECONDS * attempt)
+                if attempt < ATTEMPTS:
+                    await asyncio.sleep(RESEND_PAUSE_SECONDS * attempt)
+                    continue
+                if ran:  # whatever this last try met, an earlier one may have run
+                    raise rexc.ConnectionError(str(exc)) from exc
+                if isinstance(exc, Unreachable):
+                    raise
+                raise Unreachable(str(exc)) from exc
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
@@ -165,6 +168,7 @@ class _Connection(asyncio.Protocol):
         self.open = False
         self.deadline = deadline
         self.watchdog: asyncio.TimerHandle | None = None
+        self.failure: rexc.RedisError | None = None  # why it closed, once it has
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport, self.open = cast(asyncio.Transport, transport), True
@@ -172,7 +176,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
         if not self.open or self.transport is None:  # nothing written
-            raise Unreachable("the connection to the store was lost")
+            raise Unreachable("the connection to the store was lost") from self.failure
         answered: asyncio.Future[list[Any]] = self.loop.create_future()
         self.waiting.append(_Waiter(answered, [], count, self.loop.time()))
         self.transport.write(payload)
@@ -218,7 +222,7 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     def _fail(self, reason: rexc.RedisError) -> None:
-        self.open = False
+        self.open, self.failure = False, self.failure or reason
         if self.watchdog is not None:
             self.watchdog.cancel()
         while self.waiting:
